@@ -1,0 +1,332 @@
+// Package configs owns lockstep's configuration: the schema of the TOML
+// files in this folder (one per replicated application) and their
+// validation. An error always names the file, the field and, when the field
+// is present in the file, its line.
+package configs
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Modes, named as in Crane so that its users feel at home.
+const (
+	ModeOrig       = "orig"        // the server alone
+	ModeXternOnly  = "xtern_only"  // one server under the deterministic runtime
+	ModeProxyOnly  = "proxy_only"  // N replicas behind consensus
+	ModeJointSched = "joint_sched" // consensus and the deterministic runtime fed by the log
+)
+
+// Modes lists every mode in the order eval runs them.
+var Modes = []string{ModeOrig, ModeXternOnly, ModeProxyOnly, ModeJointSched}
+
+// Config is one replicated application and how to run and measure it.
+type Config struct {
+	// Name of the application, used in namespace, cgroup and file names.
+	Name string `toml:"name"`
+	// Dir is the directory the config was loaded from; relative paths in
+	// the config are relative to the repository root (its parent).
+	Dir string `toml:"-"`
+
+	Cluster Cluster `toml:"cluster"`
+	Log     Log     `toml:"log"`
+	Server  Server  `toml:"server"`
+	Output  Output  `toml:"output"`
+	Client  Client  `toml:"client"`
+}
+
+// Cluster describes the replicas.
+type Cluster struct {
+	// ID separates clusters: a peer of another cluster is refused.
+	ID uint64 `toml:"id"`
+	// Replicas of a real deployment (`lockstep replica --id N`). `lockstep
+	// run` generates them in network namespaces instead.
+	Replicas []Replica `toml:"replica"`
+	// DataDir holds each replica's log and server data (<data_dir>/<id>).
+	DataDir string `toml:"data_dir"`
+	// MaxConnections bounds concurrent client connections per replica.
+	MaxConnections int `toml:"max_connections"`
+	// CPUQuota is the number of cores each namespace may use in `lockstep
+	// run` (0: unlimited), so that one machine stands in for several.
+	CPUQuota float64 `toml:"cpu_quota"`
+}
+
+// Replica is one member of a deployment.
+type Replica struct {
+	ID uint64 `toml:"id"`
+	// Peer is where other replicas reach this one's log (host:port).
+	Peer string `toml:"peer"`
+	// Listen is where clients connect (host:port).
+	Listen string `toml:"listen"`
+	// Admin serves metrics and status; localhost unless set otherwise.
+	Admin string `toml:"admin"`
+}
+
+// Log tunes the replicated log.
+type Log struct {
+	TickMS         int  `toml:"tick_ms"`
+	ElectionTicks  int  `toml:"election_ticks"`
+	HeartbeatTicks int  `toml:"heartbeat_ticks"`
+	NoSync         bool `toml:"no_sync"`
+	// SnapshotEntries: the log is compacted after this many applied entries.
+	SnapshotEntries uint64 `toml:"snapshot_entries"`
+}
+
+// Tick is the raft tick as a duration.
+func (l Log) Tick() time.Duration { return time.Duration(l.TickMS) * time.Millisecond }
+
+// Server describes how to run one copy of the unmodified server.
+type Server struct {
+	// App is the folder under apps/ whose files are rendered into each
+	// replica's server directory ({{.Dir}}, {{.Host}}, {{.Port}} expand).
+	App string `toml:"app"`
+	// Start is the command line, run in the server directory.
+	Start []string `toml:"start"`
+	// StopSignal ends the server (default TERM).
+	StopSignal string `toml:"stop_signal"`
+	// Listen is where the server listens, as seen from its replica.
+	Listen string `toml:"listen"`
+	// Env adds to the server's environment.
+	Env map[string]string `toml:"env"`
+	// Health says when the server is ready.
+	Health Health `toml:"health"`
+}
+
+// Health is a readiness check.
+type Health struct {
+	// HTTP is a path to GET; empty means a TCP connect is enough.
+	HTTP      string `toml:"http"`
+	TimeoutMS int    `toml:"timeout_ms"`
+}
+
+// Timeout is the health timeout as a duration.
+func (h Health) Timeout() time.Duration { return time.Duration(h.TimeoutMS) * time.Millisecond }
+
+// Output says how replicas compare what their servers send.
+type Output struct {
+	// Mask rules replace known nondeterministic bytes before digesting.
+	Mask []Mask `toml:"mask"`
+}
+
+// Mask replaces every match of Pattern (a Go regexp) by Replace.
+type Mask struct {
+	Pattern string         `toml:"pattern"`
+	Replace string         `toml:"replace"`
+	Re      *regexp.Regexp `toml:"-"`
+}
+
+// Client is the benchmark eval runs from the client namespace.
+type Client struct {
+	// Command runs the benchmark; {{.Addr}} expands to host:port.
+	Command []string `toml:"command"`
+	// Parser names how to read its output: "ab" or "sysbench".
+	Parser string `toml:"parser"`
+}
+
+// Error is a validation error naming the field and, where known, the line.
+type Error struct {
+	File  string
+	Line  int // 0 when the field is absent from the file
+	Field string
+	Msg   string
+}
+
+func (e *Error) Error() string {
+	if e.Line > 0 {
+		return fmt.Sprintf("%s:%d: %s: %s", e.File, e.Line, e.Field, e.Msg)
+	}
+	return fmt.Sprintf("%s: %s: %s", e.File, e.Field, e.Msg)
+}
+
+// Load reads, defaults and validates a config file.
+func Load(path string) (*Config, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return Parse(path, raw)
+}
+
+// Parse is Load for bytes already read; path is used in messages.
+func Parse(path string, raw []byte) (*Config, error) {
+	var c Config
+	md, err := toml.Decode(string(raw), &c)
+	if err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			return nil, fmt.Errorf("%s:%d: %s", path, pe.Position.Line, pe.Message)
+		}
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	lines := strings.Split(string(raw), "\n")
+	if und := md.Undecoded(); len(und) > 0 {
+		k := und[0]
+		return nil, &Error{File: path, Line: lineOf(lines, k...), Field: k.String(), Msg: "unknown field"}
+	}
+	if abs, err := filepath.Abs(path); err == nil {
+		c.Dir = filepath.Dir(abs)
+	}
+	c.setDefaults()
+	if err := c.validate(); err != nil {
+		var ve *Error
+		if errors.As(err, &ve) {
+			ve.File = path
+			ve.Line = lineOf(lines, strings.Split(ve.Field, ".")...)
+		}
+		return nil, err
+	}
+	return &c, nil
+}
+
+func (c *Config) setDefaults() {
+	if c.Cluster.ID == 0 {
+		c.Cluster.ID = 1
+	}
+	if c.Cluster.DataDir == "" {
+		c.Cluster.DataDir = filepath.Join(os.TempDir(), "lockstep", c.Name)
+	}
+	if c.Cluster.MaxConnections == 0 {
+		c.Cluster.MaxConnections = 1024
+	}
+	if c.Log.TickMS == 0 {
+		c.Log.TickMS = 100
+	}
+	if c.Log.ElectionTicks == 0 {
+		c.Log.ElectionTicks = 10
+	}
+	if c.Log.HeartbeatTicks == 0 {
+		c.Log.HeartbeatTicks = 1
+	}
+	if c.Log.SnapshotEntries == 0 {
+		c.Log.SnapshotEntries = 100000
+	}
+	if c.Server.StopSignal == "" {
+		c.Server.StopSignal = "TERM"
+	}
+	if c.Server.Health.TimeoutMS == 0 {
+		c.Server.Health.TimeoutMS = 10000
+	}
+	for i := range c.Cluster.Replicas {
+		if c.Cluster.Replicas[i].Admin == "" {
+			c.Cluster.Replicas[i].Admin = "127.0.0.1:0"
+		}
+	}
+}
+
+var nameRe = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,15}$`)
+
+func (c *Config) validate() error {
+	bad := func(field, format string, args ...any) error {
+		return &Error{Field: field, Msg: fmt.Sprintf(format, args...)}
+	}
+	if !nameRe.MatchString(c.Name) {
+		return bad("name", "%q must be 1-16 lowercase letters, digits, - or _, starting with a letter", c.Name)
+	}
+	if c.Cluster.MaxConnections < 0 {
+		return bad("cluster.max_connections", "must be positive, got %d", c.Cluster.MaxConnections)
+	}
+	if c.Cluster.CPUQuota < 0 || c.Cluster.CPUQuota > 1024 {
+		return bad("cluster.cpu_quota", "must be between 0 and 1024 cores, got %v", c.Cluster.CPUQuota)
+	}
+	seen := map[uint64]bool{}
+	for _, r := range c.Cluster.Replicas {
+		if r.ID == 0 {
+			return bad("cluster.replica.id", "must be 1 or more")
+		}
+		if seen[r.ID] {
+			return bad("cluster.replica.id", "%d appears twice", r.ID)
+		}
+		seen[r.ID] = true
+		for field, addr := range map[string]string{"peer": r.Peer, "listen": r.Listen, "admin": r.Admin} {
+			if _, _, err := net.SplitHostPort(addr); err != nil {
+				return bad("cluster.replica."+field, "replica %d: %q is not host:port", r.ID, addr)
+			}
+		}
+	}
+	if c.Log.TickMS < 1 {
+		return bad("log.tick_ms", "must be at least 1, got %d", c.Log.TickMS)
+	}
+	if c.Log.HeartbeatTicks < 1 || c.Log.ElectionTicks <= c.Log.HeartbeatTicks {
+		return bad("log.election_ticks", "must exceed heartbeat_ticks (%d), got %d", c.Log.HeartbeatTicks, c.Log.ElectionTicks)
+	}
+	if len(c.Server.Start) == 0 {
+		return bad("server.start", "a command line to start the server is required")
+	}
+	if _, _, err := net.SplitHostPort(c.Server.Listen); err != nil {
+		return bad("server.listen", "%q is not host:port", c.Server.Listen)
+	}
+	if c.Server.Health.HTTP != "" && !strings.HasPrefix(c.Server.Health.HTTP, "/") {
+		return bad("server.health.http", "%q must be a path starting with /", c.Server.Health.HTTP)
+	}
+	for i := range c.Output.Mask {
+		re, err := regexp.Compile(c.Output.Mask[i].Pattern)
+		if err != nil {
+			return bad("output.mask.pattern", "%v", err)
+		}
+		c.Output.Mask[i].Re = re
+	}
+	switch c.Client.Parser {
+	case "", "ab", "sysbench", "exit":
+	default:
+		return bad("client.parser", "%q is not one of ab, sysbench, exit", c.Client.Parser)
+	}
+	return nil
+}
+
+// ReplicaByID finds a configured replica.
+func (c *Config) ReplicaByID(id uint64) (Replica, error) {
+	for _, r := range c.Cluster.Replicas {
+		if r.ID == id {
+			return r, nil
+		}
+	}
+	return Replica{}, fmt.Errorf("config %s: no [[cluster.replica]] with id %d", c.Name, id)
+}
+
+// AppDir is the folder of the application's files (apps/<app>).
+func (c *Config) AppDir() string {
+	if c.Server.App == "" {
+		return ""
+	}
+	if filepath.IsAbs(c.Server.App) {
+		return c.Server.App
+	}
+	return filepath.Join(filepath.Dir(c.Dir), "apps", c.Server.App)
+}
+
+// lineOf finds the line where a dotted key is set: the key's last part
+// inside the table named by the parts before it. It is a best effort for
+// messages (the TOML library does not export key positions).
+func lineOf(lines []string, key ...string) int {
+	if len(key) == 0 {
+		return 0
+	}
+	table := strings.Join(key[:len(key)-1], ".")
+	leaf := key[len(key)-1]
+	cur := ""
+	for i, l := range lines {
+		t := strings.TrimSpace(l)
+		if strings.HasPrefix(t, "[") {
+			cur = strings.Trim(t, "[] ")
+			if j := strings.Index(cur, "#"); j >= 0 {
+				cur = strings.TrimSpace(strings.Trim(cur[:j], "[] "))
+			}
+			continue
+		}
+		if cur != table {
+			continue
+		}
+		if k, _, ok := strings.Cut(t, "="); ok && strings.Trim(strings.TrimSpace(k), `"`) == leaf {
+			return i + 1
+		}
+	}
+	return 0
+}
