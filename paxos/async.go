@@ -1,0 +1,50 @@
+package paxos
+
+import (
+	"context"
+	"encoding/binary"
+)
+
+// ProposeResult is the outcome of ProposeAsync: the entry's index once it
+// is committed, or why it is not (ErrStopped, ErrNoLeader, ErrBusy,
+// ErrUnknownOutcome or the context's error).
+type ProposeResult struct {
+	Index uint64
+	Err   error
+}
+
+// ProposeAsync queues data for the log and returns at once; the channel
+// receives exactly one result. Proposals queued by calls that happen one
+// after the other (from one goroutine, or serialized by the caller) enter
+// the log in that order, as far as they enter it: a proposal that fails
+// may leave a gap between the ones before and after it, which the
+// application must be able to recognize. Cancelling ctx only stops the
+// wait; the proposal may still be committed.
+func (n *Node) ProposeAsync(ctx context.Context, data []byte) <-chan ProposeResult {
+	out := make(chan ProposeResult, 1)
+	w := n.waiters.add()
+	buf := make([]byte, 8+len(data))
+	binary.BigEndian.PutUint64(buf, w.id)
+	copy(buf[8:], data)
+	if !n.props.push(proposal{id: w.id, data: buf}) {
+		n.waiters.remove(w.id)
+		out <- ProposeResult{Err: ErrStopped}
+		return out
+	}
+	go func() {
+		select {
+		case r := <-w.ch:
+			if r.err != nil {
+				n.m.failed.Inc()
+			}
+			out <- ProposeResult{Index: r.index, Err: r.err}
+		case <-ctx.Done():
+			n.waiters.remove(w.id)
+			n.m.failed.Inc()
+			out <- ProposeResult{Err: ctx.Err()}
+		case <-n.done:
+			out <- ProposeResult{Err: ErrStopped}
+		}
+	}()
+	return out
+}
