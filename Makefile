@@ -1,0 +1,45 @@
+# lockstep: the two commands of the README are `make demo` and `make test`.
+# Each first runs scripts/setup.sh, which installs what is missing.
+
+GO      ?= go
+BIN     := bin/lockstep
+export PATH := /usr/local/go/bin:$(PATH)
+
+.PHONY: all setup build demo test test-short fuzz soak bench-log vet clean
+
+all: build
+
+setup:
+	@bash scripts/setup.sh
+
+build:
+	$(GO) build -o $(BIN) ./cmd/lockstep
+
+vet:
+	gofmt -l $$(git ls-files '*.go') | (! grep .) || (echo "gofmt needed" && false)
+	$(GO) vet ./...
+
+# The main job: a replicated demo with its numbers.
+demo: setup build
+	$(BIN) bench log --replicas 3 --clients 1,64 --duration 10s
+
+# Every test, including a short end-to-end run of every capability and a
+# brief run of each fuzz target.
+test: setup vet
+	$(GO) test -count=1 -timeout 25m ./...
+	$(MAKE) fuzz FUZZTIME=10s
+
+FUZZTIME ?= 10s
+fuzz:
+	$(GO) test ./paxos/wal -run='^$$' -fuzz=FuzzDecodeRecord -fuzztime=$(FUZZTIME)
+	$(GO) test ./paxos/transport -run='^$$' -fuzz=FuzzReadFrame -fuzztime=$(FUZZTIME)
+
+# Longer soaks, not part of `make test`.
+soak: setup
+	LOCKSTEP_SOAK=1 $(GO) test -count=1 -timeout 60m ./...
+
+bench-log: setup build
+	$(BIN) bench log --replicas 3 --clients 1,64 --duration 20s
+
+clean:
+	rm -rf bin

@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Installs a CRIU that works on this machine's kernel, for lockstep's
+# checkpoints (package checkpoint). Idempotent: when `criu check` already
+# passes, it does nothing.
+#
+# Debian bookworm's criu (3.17) fails `criu check` on recent kernels
+# ("Unexpected rt vDSO area bounds"). CRIU 4.x builds from the upstream
+# tarball of the criu source package of Debian's next suite, so this script
+#
+#   1. adds that suite as deb-src ONLY, in a file of its own under
+#      /etc/apt/sources.list.d/ (no binary package of the machine can be
+#      upgraded by it), taking the mirror and key from the machine's own
+#      Debian entry;
+#   2. downloads the source with `apt-get source --download-only` (the
+#      Debian packaging tarball may be missing on the mirror: only the
+#      upstream .orig tarball is needed);
+#   3. installs the build dependencies from the machine's own suite;
+#   4. runs `make criu` (about 3 minutes on 2 cores) in a cache directory,
+#      so that a second run reuses the binary;
+#   5. installs the binary as /usr/local/sbin/criu and runs `criu check`.
+#
+# Environment:
+#   CRIU_SUITE     the newer Debian suite to take the source from (trixie)
+#   LOCKSTEP_CACHE where the source and the build are kept (/var/cache/lockstep)
+#   CRIU_FORCE=1   rebuild even if `criu check` passes
+set -euo pipefail
+
+SUITE=${CRIU_SUITE:-trixie}
+CACHE=${LOCKSTEP_CACHE:-/var/cache/lockstep}/criu
+DEST=/usr/local/sbin/criu
+SRC_LIST=/etc/apt/sources.list.d/lockstep-criu-src.sources
+
+BUILD_DEPS=(
+  build-essential pkg-config
+  libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
+  python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev
+  libgnutls28-dev libnftables-dev libdrm-dev uuid-dev
+  dpkg-dev xz-utils
+)
+
+say() { echo "criu.sh: $*"; }
+die() {
+  echo "criu.sh: ERROR: $*" >&2
+  exit 1
+}
+
+[[ $(id -u) == 0 ]] || die "must run as root (it installs packages and $DEST)"
+
+# check BINARY: true when `BINARY check` passes. Its output is kept for the
+# error message.
+CHECK_OUT=""
+check() {
+  local bin=$1
+  [[ -x $bin ]] || return 1
+  CHECK_OUT=$("$bin" check 2>&1) && return 0
+  return 1
+}
+
+if [[ ${CRIU_FORCE:-} != 1 ]]; then
+  if check "$DEST"; then
+    say "$DEST passes criu check ($("$DEST" --version | head -1)); nothing to do"
+    exit 0
+  fi
+  if other=$(command -v criu) && [[ $other != "$DEST" ]] && check "$other"; then
+    say "$other passes criu check ($("$other" --version | head -1)); nothing to do"
+    exit 0
+  fi
+fi
+
+mkdir -p "$CACHE"
+# One installer at a time (setup may run from several shells).
+exec 9>"$CACHE/.lock"
+flock 9
+
+start=$(date +%s)
+
+# A binary built by an earlier run: install it again if it still works.
+if [[ ${CRIU_FORCE:-} != 1 && -x $CACHE/criu.bin ]] && check "$CACHE/criu.bin"; then
+  install -m 0755 "$CACHE/criu.bin" "$DEST"
+  say "installed the cached build as $DEST ($("$DEST" --version | head -1))"
+  exit 0
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+
+# --- 1. deb-src for the newer suite -------------------------------------
+# The machine's own Debian entry gives the mirror URI and the signing key:
+# the first deb822 stanza (or one-line entry) that serves the running
+# suite's main archive.
+. /etc/os-release
+CODENAME=${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}
+
+find_mirror() {
+  local f
+  # deb822 files: stanzas separated by blank lines.
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [[ -f $f && $f != "$SRC_LIST" ]] || continue
+    awk -v suite="$CODENAME" '
+      function flush() {
+        if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " suite " ") && uris != "") {
+          split(uris, u, " "); print u[1] "\t" key; found = 1; exit
+        }
+        types = suites = uris = key = ""
+      }
+      /^[[:space:]]*#/ { next }
+      /^[[:space:]]*$/ { flush(); next }
+      tolower($1) == "types:"     { $1 = ""; types = $0 }
+      tolower($1) == "suites:"    { $1 = ""; suites = $0 }
+      tolower($1) == "uris:"      { $1 = ""; uris = $0; sub(/^ +/, "", uris) }
+      tolower($1) == "signed-by:" { $1 = ""; key = $0; sub(/^ +/, "", key) }
+      END { if (!found) flush() }
+    ' "$f"
+  done
+  # One-line format: deb [options] URI SUITE COMPONENTS...
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [[ -f $f ]] || continue
+    awk -v suite="$CODENAME" '
+      $1 == "deb" {
+        key = ""; i = 2
+        if ($2 ~ /^\[/) {
+          for (; i <= NF; i++) {
+            if ($i ~ /signed-by=/) { key = $i; sub(/.*signed-by=/, "", key); sub(/\]$/, "", key) }
+            if ($i ~ /\]$/) { i++; break }
+          }
+        }
+        if ($(i + 1) == suite) { print $i "\t" key; exit }
+      }' "$f"
+  done
+}
+
+mirror=$(find_mirror | head -1)
+[[ -n $mirror ]] || die "no Debian entry for suite $CODENAME found in /etc/apt/sources.list*; cannot derive a mirror for deb-src $SUITE"
+uri=${mirror%%$'\t'*}
+key=${mirror#*$'\t'}
+# An inline key or none: fall back to the archive keyring.
+[[ -n $key && $key != -----* ]] || key=/usr/share/keyrings/debian-archive-keyring.gpg
+
+want="Types: deb-src
+URIs: $uri
+Suites: $SUITE
+Components: main
+Signed-By: $key"
+if [[ ! -f $SRC_LIST || $(cat "$SRC_LIST") != "# Added by lockstep scripts/criu.sh: source packages only, nothing is installed from here.
+$want" ]]; then
+  say "adding deb-src $SUITE ($uri) as $SRC_LIST"
+  printf '%s\n%s\n' "# Added by lockstep scripts/criu.sh: source packages only, nothing is installed from here." "$want" >"$SRC_LIST"
+fi
+
+# --- 2. the build dependencies, from the machine's own suite ------------
+missing=()
+for p in "${BUILD_DEPS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  say "installing build dependencies: ${missing[*]}"
+  apt-get update -qq || die "apt-get update failed"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+    die "apt-get install ${missing[*]} failed"
+fi
+
+# --- 3. the source -------------------------------------------------------
+cd "$CACHE"
+orig=$(ls criu_*.orig.tar.* 2>/dev/null | sort -V | tail -1 || true)
+if [[ -z $orig ]]; then
+  say "updating the package index of the deb-src entry"
+  apt-get update -qq -o Dir::Etc::sourcelist="$SRC_LIST" -o Dir::Etc::sourceparts=- \
+    -o APT::Get::List-Cleanup=0 || die "apt-get update of $SRC_LIST failed"
+  say "downloading the criu source package of $SUITE"
+  # The Debian tarball of the revision may be missing on the mirror; the
+  # upstream tarball is what we build, so a partial download is fine.
+  apt-get source --download-only -qq "criu/$SUITE" >"$CACHE/source.log" 2>&1 ||
+    say "apt-get source reported an error (see $CACHE/source.log); continuing if the upstream tarball arrived"
+  orig=$(ls criu_*.orig.tar.* 2>/dev/null | sort -V | tail -1 || true)
+  [[ -n $orig ]] || die "apt-get source criu/$SUITE brought no criu_*.orig.tar.* (see $CACHE/source.log)"
+fi
+version=${orig#criu_}
+version=${version%.orig.tar.*}
+srcdir=$CACHE/criu-$version
+say "criu $version from $orig"
+
+# --- 4. build --------------------------------------------------------------
+if [[ ! -x $srcdir/criu/criu ]]; then
+  rm -rf "$srcdir" "$CACHE/unpack"
+  mkdir -p "$CACHE/unpack"
+  tar -xf "$orig" -C "$CACHE/unpack" || die "cannot unpack $orig"
+  top=$(ls "$CACHE/unpack")
+  [[ $(wc -l <<<"$top") == 1 ]] || die "unexpected layout of $orig"
+  mv "$CACHE/unpack/$top" "$srcdir"
+  rmdir "$CACHE/unpack"
+  say "building (make criu, about 3 minutes on 2 cores; log: $CACHE/build.log)"
+  b0=$(date +%s)
+  if ! make -C "$srcdir" -j"$(nproc)" criu >"$CACHE/build.log" 2>&1; then
+    tail -30 "$CACHE/build.log" >&2
+    die "make criu failed (full log: $CACHE/build.log)"
+  fi
+  say "built in $(($(date +%s) - b0)) s"
+fi
+cp "$srcdir/criu/criu" "$CACHE/criu.bin.new"
+mv "$CACHE/criu.bin.new" "$CACHE/criu.bin"
+
+# --- 5. install and verify ----------------------------------------------
+install -m 0755 "$CACHE/criu.bin" "$DEST"
+if ! check "$DEST"; then
+  echo "$CHECK_OUT" >&2
+  die "$DEST was installed but fails 'criu check' (output above)"
+fi
+say "installed $DEST ($("$DEST" --version | head -1)): criu check passes; took $(($(date +%s) - start)) s"
