@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -92,6 +93,8 @@ type Server struct {
 	Start []string `toml:"start"`
 	// StopSignal ends the server (default TERM).
 	StopSignal string `toml:"stop_signal"`
+	// StopTimeoutMS is the grace period before SIGKILL (default 10000).
+	StopTimeoutMS int `toml:"stop_timeout_ms"`
 	// Listen is where the server listens, as seen from its replica.
 	Listen string `toml:"listen"`
 	// Env adds to the server's environment.
@@ -211,6 +214,9 @@ func (c *Config) setDefaults() {
 	if c.Server.StopSignal == "" {
 		c.Server.StopSignal = "TERM"
 	}
+	if c.Server.StopTimeoutMS == 0 {
+		c.Server.StopTimeoutMS = 10000
+	}
 	if c.Server.Health.TimeoutMS == 0 {
 		c.Server.Health.TimeoutMS = 10000
 	}
@@ -246,8 +252,8 @@ func (c *Config) validate() error {
 		}
 		seen[r.ID] = true
 		for field, addr := range map[string]string{"peer": r.Peer, "listen": r.Listen, "admin": r.Admin} {
-			if _, _, err := net.SplitHostPort(addr); err != nil {
-				return bad("cluster.replica."+field, "replica %d: %q is not host:port", r.ID, addr)
+			if err := checkHostPort(addr); err != nil {
+				return bad("cluster.replica."+field, "replica %d: %v", r.ID, err)
 			}
 		}
 	}
@@ -260,8 +266,14 @@ func (c *Config) validate() error {
 	if len(c.Server.Start) == 0 {
 		return bad("server.start", "a command line to start the server is required")
 	}
-	if _, _, err := net.SplitHostPort(c.Server.Listen); err != nil {
-		return bad("server.listen", "%q is not host:port", c.Server.Listen)
+	if err := checkHostPort(c.Server.Listen); err != nil {
+		return bad("server.listen", "%v", err)
+	}
+	if !stopSignals[c.Server.StopSignal] {
+		return bad("server.stop_signal", "%q is not one of TERM, INT, QUIT, HUP, KILL, USR1, USR2, WINCH", c.Server.StopSignal)
+	}
+	if c.Server.StopTimeoutMS < 0 {
+		return bad("server.stop_timeout_ms", "must be positive, got %d", c.Server.StopTimeoutMS)
 	}
 	if c.Server.Health.HTTP != "" && !strings.HasPrefix(c.Server.Health.HTTP, "/") {
 		return bad("server.health.http", "%q must be a path starting with /", c.Server.Health.HTTP)
@@ -280,6 +292,23 @@ func (c *Config) validate() error {
 	}
 	return nil
 }
+
+var stopSignals = map[string]bool{"TERM": true, "INT": true, "QUIT": true, "HUP": true, "KILL": true,
+	"USR1": true, "USR2": true, "WINCH": true}
+
+func checkHostPort(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port", addr)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+		return fmt.Errorf("%q: port must be a number from 0 to 65535", addr)
+	}
+	return nil
+}
+
+// StopTimeout is the grace period as a duration.
+func (s Server) StopTimeout() time.Duration { return time.Duration(s.StopTimeoutMS) * time.Millisecond }
 
 // ReplicaByID finds a configured replica.
 func (c *Config) ReplicaByID(id uint64) (Replica, error) {

@@ -167,6 +167,9 @@ func StartServer(ctx context.Context, o ServerOptions) (*Server, error) {
 		exited: make(chan struct{}),
 	}
 	if s.grace <= 0 {
+		s.grace = o.Config.StopTimeout()
+	}
+	if s.grace <= 0 {
 		s.grace = DefaultStopTimeout
 	}
 	if err := cmd.Start(); err != nil {

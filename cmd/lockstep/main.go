@@ -2,6 +2,7 @@
 package main
 
 import (
+	"errors"
 	"os"
 
 	"github.com/sirupsen/logrus"
@@ -9,6 +10,10 @@ import (
 
 func main() {
 	if err := newRootCmd().Execute(); err != nil {
+		var ee exitError
+		if errors.As(err, &ee) {
+			os.Exit(ee.code)
+		}
 		logrus.Error(err)
 		os.Exit(1)
 	}

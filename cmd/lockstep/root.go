@@ -38,6 +38,6 @@ copy the same events in the same order.`,
 	}
 	root.PersistentFlags().StringVar(&level, "log-level", "info", "log level: debug, info, warn, error")
 	root.PersistentFlags().StringVar(&format, "log-format", "text", "log format: text or json")
-	root.AddCommand(newBenchCmd())
+	root.AddCommand(newBenchCmd(), newRunCmd(), newEvalCmd())
 	return root
 }
