@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs a CRIU that works on this machine's kernel, for lockstep's
-# checkpoints (package checkpoint). Idempotent: when `criu check` already
-# passes, it does nothing.
+# checkpoints (package checkpoint). Idempotent: when the installed build is
+# this script's (same patch level) and passes `criu check`, it does nothing;
+# when only the binary is gone, the cached build is installed again.
 #
 # Debian bookworm's criu (3.17) fails `criu check` on recent kernels
 # ("Unexpected rt vDSO area bounds"). CRIU 4.x builds from the upstream
@@ -15,9 +16,20 @@
 #      Debian packaging tarball may be missing on the mirror: only the
 #      upstream .orig tarball is needed);
 #   3. installs the build dependencies from the machine's own suite;
-#   4. runs `make criu` (about 3 minutes on 2 cores) in a cache directory,
+#   4. runs `make criu` (1 to 3 minutes on 2 cores) in a cache directory,
 #      so that a second run reuses the binary;
 #   5. installs the binary as /usr/local/sbin/criu and runs `criu check`.
+#
+# `criu check` passing is not enough here, so the build carries two small
+# patches of its own (PATCHES below), and the installed binary is only
+# taken as done when its stamp says it is that build:
+#   - sockets.c: on Linux 6.16 and later CRIU 4.1.1 fails to dump any TCP
+#     socket ("Can't get 1:16 opt: Operation not supported": the kernel now
+#     refuses SO_PASSCRED/SO_PASSSEC on them);
+#   - cr-dump.c: a task of another user (Apache's child, www-data) cannot be
+#     dumped without CAP_SYS_RESOURCE ("Can't get rlimit 0: Operation not
+#     permitted"), which this sandbox withholds even from root: its limits
+#     are read from /proc/PID/limits instead.
 #
 # Environment:
 #   CRIU_SUITE     the newer Debian suite to take the source from (trixie)
@@ -29,13 +41,137 @@ SUITE=${CRIU_SUITE:-trixie}
 CACHE=${LOCKSTEP_CACHE:-/var/cache/lockstep}/criu
 DEST=/usr/local/sbin/criu
 SRC_LIST=/etc/apt/sources.list.d/lockstep-criu-src.sources
+# Bump when PATCHES change, so that every machine rebuilds.
+PATCH_LEVEL=2
+STAMP=$CACHE/installed.stamp
 
 BUILD_DEPS=(
   build-essential pkg-config
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev
   libgnutls28-dev libnftables-dev libdrm-dev uuid-dev
-  dpkg-dev xz-utils
+  dpkg-dev xz-utils patch
+)
+
+# Our patches to the CRIU source, applied with patch -p1 in this order.
+PATCHES=$(
+  cat <<'EOF'
+--- a/criu/sockets.c
++++ b/criu/sockets.c
+@@ -637,6 +637,26 @@
+ 	return 0;
+ }
+ 
++/*
++ * A boolean SOL_SOCKET option that the kernel may not support for this
++ * socket's family: *has says whether it was read.
++ */
++static int dump_opt_unless_unsupported(int sk, int name, int *val, protobuf_c_boolean *has)
++{
++	socklen_t len = sizeof(*val);
++
++	*val = 0;
++	*has = false;
++	if (getsockopt(sk, SOL_SOCKET, name, val, &len) < 0) {
++		if (errno == EOPNOTSUPP || errno == ENOPROTOOPT)
++			return 0;
++		pr_perror("Can't get %d:%d opt", SOL_SOCKET, name);
++		return -1;
++	}
++	*has = true;
++	return 0;
++}
++
+ int dump_socket_opts(int sk, SkOptsEntry *soe)
+ {
+ 	int ret = 0, val;
+@@ -676,12 +696,11 @@
+ 	soe->so_reuseport = val ? true : false;
+ 	soe->has_so_reuseport = true;
+ 
+-	ret |= dump_opt(sk, SOL_SOCKET, SO_PASSCRED, &val);
+-	soe->has_so_passcred = true;
++	/* Linux 6.16+ refuses these on other than unix and netlink sockets. */
++	ret |= dump_opt_unless_unsupported(sk, SO_PASSCRED, &val, &soe->has_so_passcred);
+ 	soe->so_passcred = val ? true : false;
+ 
+-	ret |= dump_opt(sk, SOL_SOCKET, SO_PASSSEC, &val);
+-	soe->has_so_passsec = true;
++	ret |= dump_opt_unless_unsupported(sk, SO_PASSSEC, &val, &soe->has_so_passsec);
+ 	soe->so_passsec = val ? true : false;
+ 
+ 	ret |= dump_opt(sk, SOL_SOCKET, SO_DONTROUTE, &val);
+--- a/criu/cr-dump.c
++++ b/criu/cr-dump.c
+@@ -360,6 +360,58 @@
+ 	return val == RLIM_INFINITY ? -1 : val;
+ }
+ 
++/* One value of /proc/PID/limits: a number or "unlimited". */
++static int parse_proc_limit(const char *s, rlim_t *v)
++{
++	char *end;
++
++	if (!strcmp(s, "unlimited")) {
++		*v = RLIM_INFINITY;
++		return 0;
++	}
++	errno = 0;
++	*v = strtoull(s, &end, 10);
++	return (errno || end == s || *end) ? -1 : 0;
++}
++
++/*
++ * prlimit() on a task of another user needs CAP_SYS_RESOURCE, which some
++ * sandboxes withhold even from root. /proc/PID/limits holds the same
++ * values, one line per resource in resource order after a header, the
++ * name in the first 26 columns.
++ */
++static int dump_task_rlimits_proc(int pid, TaskRlimitsEntry *rls)
++{
++	char path[64], line[256], soft[64], hard[64];
++	int res, ret = -1;
++	FILE *f;
++
++	snprintf(path, sizeof(path), "/proc/%d/limits", pid);
++	f = fopen(path, "r");
++	if (!f) {
++		pr_perror("Can't open %s", path);
++		return -1;
++	}
++	if (!fgets(line, sizeof(line), f))
++		goto out;
++	for (res = 0; res < rls->n_rlimits; res++) {
++		rlim_t cur, max;
++
++		if (!fgets(line, sizeof(line), f) || strlen(line) < 27 ||
++		    sscanf(line + 26, "%63s %63s", soft, hard) != 2 ||
++		    parse_proc_limit(soft, &cur) || parse_proc_limit(hard, &max)) {
++			pr_err("Can't parse line %d of %s\n", res + 2, path);
++			goto out;
++		}
++		rls->rlimits[res]->cur = encode_rlim(cur);
++		rls->rlimits[res]->max = encode_rlim(max);
++	}
++	ret = 0;
++out:
++	fclose(f);
++	return ret;
++}
++
+ static int dump_task_rlimits(int pid, TaskRlimitsEntry *rls)
+ {
+ 	int res;
+@@ -368,6 +420,8 @@
+ 		struct rlimit64 lim;
+ 
+ 		if (syscall(__NR_prlimit64, pid, res, NULL, &lim)) {
++			if (errno == EPERM)
++				return dump_task_rlimits_proc(pid, rls);
+ 			pr_perror("Can't get rlimit %d", res);
+ 			return -1;
+ 		}
+EOF
 )
 
 say() { echo "criu.sh: $*"; }
@@ -56,15 +192,15 @@ check() {
   return 1
 }
 
-if [[ ${CRIU_FORCE:-} != 1 ]]; then
+# stamp BINARY: what the stamp of a build of ours says about BINARY.
+stamp_of() { echo "patch-level=$PATCH_LEVEL sha256=$(sha256sum "$1" | cut -d' ' -f1)"; }
+
+if [[ ${CRIU_FORCE:-} != 1 && -x $DEST && -f $STAMP && $(cat "$STAMP") == $(stamp_of "$DEST") ]]; then
   if check "$DEST"; then
-    say "$DEST passes criu check ($("$DEST" --version | head -1)); nothing to do"
+    say "$DEST passes criu check ($("$DEST" --version | head -1), lockstep patch level $PATCH_LEVEL); nothing to do"
     exit 0
   fi
-  if other=$(command -v criu) && [[ $other != "$DEST" ]] && check "$other"; then
-    say "$other passes criu check ($("$other" --version | head -1)); nothing to do"
-    exit 0
-  fi
+  say "$DEST no longer passes criu check; rebuilding"
 fi
 
 mkdir -p "$CACHE"
@@ -75,8 +211,10 @@ flock 9
 start=$(date +%s)
 
 # A binary built by an earlier run: install it again if it still works.
-if [[ ${CRIU_FORCE:-} != 1 && -x $CACHE/criu.bin ]] && check "$CACHE/criu.bin"; then
-  install -m 0755 "$CACHE/criu.bin" "$DEST"
+BIN=$CACHE/criu.bin-p$PATCH_LEVEL
+if [[ ${CRIU_FORCE:-} != 1 && -x $BIN ]] && check "$BIN"; then
+  install -m 0755 "$BIN" "$DEST"
+  stamp_of "$DEST" >"$STAMP"
   say "installed the cached build as $DEST ($("$DEST" --version | head -1))"
   exit 0
 fi
@@ -175,7 +313,7 @@ if [[ -z $orig ]]; then
 fi
 version=${orig#criu_}
 version=${version%.orig.tar.*}
-srcdir=$CACHE/criu-$version
+srcdir=$CACHE/criu-$version-p$PATCH_LEVEL
 say "criu $version from $orig"
 
 # --- 4. build --------------------------------------------------------------
@@ -187,7 +325,9 @@ if [[ ! -x $srcdir/criu/criu ]]; then
   [[ $(wc -l <<<"$top") == 1 ]] || die "unexpected layout of $orig"
   mv "$CACHE/unpack/$top" "$srcdir"
   rmdir "$CACHE/unpack"
-  say "building (make criu, about 3 minutes on 2 cores; log: $CACHE/build.log)"
+  say "applying lockstep's patches (level $PATCH_LEVEL)"
+  patch -d "$srcdir" -p1 --forward --quiet <<<"$PATCHES" || die "a patch does not apply to criu $version"
+  say "building (make criu, 1 to 3 minutes on 2 cores; log: $CACHE/build.log)"
   b0=$(date +%s)
   if ! make -C "$srcdir" -j"$(nproc)" criu >"$CACHE/build.log" 2>&1; then
     tail -30 "$CACHE/build.log" >&2
@@ -195,13 +335,19 @@ if [[ ! -x $srcdir/criu/criu ]]; then
   fi
   say "built in $(($(date +%s) - b0)) s"
 fi
-cp "$srcdir/criu/criu" "$CACHE/criu.bin.new"
-mv "$CACHE/criu.bin.new" "$CACHE/criu.bin"
+cp "$srcdir/criu/criu" "$BIN.new"
+mv "$BIN.new" "$BIN"
 
 # --- 5. install and verify ----------------------------------------------
-install -m 0755 "$CACHE/criu.bin" "$DEST"
+install -m 0755 "$BIN" "$DEST"
 if ! check "$DEST"; then
   echo "$CHECK_OUT" >&2
   die "$DEST was installed but fails 'criu check' (output above)"
 fi
+stamp_of "$DEST" >"$STAMP"
+# Builds of other versions or patch levels are of no further use.
+for old in "$CACHE"/criu-*/ "$CACHE"/criu.bin-p*; do
+  old=${old%/}
+  [[ -e $old && $old != "$srcdir" && $old != "$BIN" ]] && rm -rf "$old"
+done
 say "installed $DEST ($("$DEST" --version | head -1)): criu check passes; took $(($(date +%s) - start)) s"

@@ -10,6 +10,8 @@ PKGS=(
   apache2 apache2-utils  # the replicated server and ab
   redis-server      # a second unmodified server in the tests
   etcd-server etcd-client # the log's benchmark peer
+  mariadb-server mariadb-client sysbench # the second replicated server and its load
+  lxc lxc-dev pkg-config golang-gopkg-lxc-go-lxc.v2-dev # containers; go.mod points at these Go bindings
 )
 
 missing=()
@@ -26,6 +28,9 @@ if ((${#missing[@]})); then
     systemctl disable --now "$s" >/dev/null 2>&1 || service "$s" stop >/dev/null 2>&1 || true
   done
 fi
+
+# Debian's CRIU fails on this kernel; build a working one once (cached).
+bash "$(dirname "$0")/criu.sh"
 
 if ! command -v go >/dev/null; then
   echo "setup: Go is required (the machine image provides /usr/local/go)" >&2
