@@ -553,7 +553,15 @@ func (n *Node) handleReady(rd raft.Ready) error {
 			return err
 		}
 	}
-	if err := n.wal.Save(rd.HardState, rd.Entries); err != nil {
+	// raft says when the write must be durable before anything depends on
+	// it: new entries, a new term or vote. A moved commit index alone need
+	// not be (it is learned again after a crash), which saves an fsync per
+	// commit on the latency path.
+	save := n.wal.Save
+	if !rd.MustSync {
+		save = n.wal.SaveUnsynced
+	}
+	if err := save(rd.HardState, rd.Entries); err != nil {
 		return fmt.Errorf("paxos: WAL write: %w", err)
 	}
 	if len(rd.Entries) > 0 {

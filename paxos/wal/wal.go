@@ -93,6 +93,9 @@ type WAL struct {
 	snapIndex uint64 // index of the newest snapshot marker
 	hs        []byte // encoding of the newest hard state, copied into new segments
 	hsScratch raftpb.HardState
+	// unsynced: the current segment has records written by SaveUnsynced
+	// and not yet covered by an fsync.
+	unsynced bool
 }
 
 // segment is what the WAL remembers about one segment file.
@@ -497,6 +500,18 @@ func (w *WAL) usable() error {
 // snapshot marker, and start at most one past the log's last index; a first
 // index at or below the last index overwrites the log from there on.
 func (w *WAL) Save(hs raftpb.HardState, ents []raftpb.Entry) error {
+	return w.save(hs, ents, true)
+}
+
+// SaveUnsynced is Save without the fsync, for a raft Ready that needs none
+// (MustSync false: only the commit index moved). The records become
+// durable with the next Save; until then a crash may lose them, which
+// raft tolerates. A segment is never rotated with an unsynced tail.
+func (w *WAL) SaveUnsynced(hs raftpb.HardState, ents []raftpb.Entry) error {
+	return w.save(hs, ents, false)
+}
+
+func (w *WAL) save(hs raftpb.HardState, ents []raftpb.Entry, sync bool) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if err := w.usable(); err != nil {
@@ -542,7 +557,7 @@ func (w *WAL) Save(hs raftpb.HardState, ents []raftpb.Entry) error {
 	if len(buf) == 0 {
 		return nil
 	}
-	if err := w.writeSync(buf); err != nil {
+	if err := w.writeSync(buf, sync); err != nil {
 		w.keepBuf(buf)
 		return err
 	}
@@ -566,13 +581,18 @@ func (w *WAL) keepBuf(buf []byte) {
 
 // writeSync appends buf to the current segment with one write and one
 // fsync. Any failure poisons the WAL (see WAL.err).
-func (w *WAL) writeSync(buf []byte) error {
+func (w *WAL) writeSync(buf []byte, sync bool) error {
 	n, err := w.f.Write(buf)
 	w.off += int64(n)
 	if err != nil {
 		w.err = fmt.Errorf("wal: write %s at offset %d: %w", w.segs[len(w.segs)-1].name(), w.off, err)
 		return w.err
 	}
+	if !sync {
+		w.unsynced = true
+		return nil
+	}
+	w.unsynced = false
 	if w.opts.NoSync {
 		return nil
 	}
@@ -606,7 +626,7 @@ func (w *WAL) SaveSnapshot(meta raftpb.SnapshotMetadata) error {
 		w.keepBuf(buf)
 		return fmt.Errorf("wal: save snapshot: %w", err)
 	}
-	if err := w.writeSync(buf); err != nil {
+	if err := w.writeSync(buf, true); err != nil {
 		w.keepBuf(buf)
 		return err
 	}
@@ -625,7 +645,7 @@ func (w *WAL) SaveSnapshot(meta raftpb.SnapshotMetadata) error {
 // complete and durable before the new one exists: only the last segment can
 // ever have a torn tail.
 func (w *WAL) maybeRotate() error {
-	if w.off < w.opts.SegmentSize {
+	if w.off < w.opts.SegmentSize || w.unsynced {
 		return nil
 	}
 	cur := w.segs[len(w.segs)-1]
@@ -701,7 +721,8 @@ func (w *WAL) ReleaseTo(index uint64) error {
 	return err
 }
 
-// Close closes the WAL. Everything saved is already durable.
+// Close closes the WAL, syncing what SaveUnsynced left; everything Save
+// saved is already durable.
 func (w *WAL) Close() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -710,8 +731,13 @@ func (w *WAL) Close() error {
 	}
 	w.closed = true
 	var err error
+	if w.f != nil && w.unsynced && w.err == nil && !w.opts.NoSync {
+		if serr := w.syncFile(w.f); serr != nil {
+			err = fmt.Errorf("wal: close: fsync: %w", serr)
+		}
+	}
 	if w.f != nil {
-		if cerr := w.f.Close(); cerr != nil {
+		if cerr := w.f.Close(); cerr != nil && err == nil {
 			err = fmt.Errorf("wal: close: %w", cerr)
 		}
 		w.f = nil
