@@ -33,6 +33,7 @@ FUZZTIME ?= 10s
 fuzz:
 	$(GO) test ./paxos/wal -run='^$$' -fuzz=FuzzDecodeRecord -fuzztime=$(FUZZTIME)
 	$(GO) test ./paxos/transport -run='^$$' -fuzz=FuzzReadFrame -fuzztime=$(FUZZTIME)
+	$(GO) test ./proxy -run='^$$' -fuzz=FuzzDecodeEvent -fuzztime=$(FUZZTIME)
 
 # Longer soaks, not part of `make test`.
 soak: setup

@@ -31,20 +31,63 @@ func (n *Node) ProposeAsync(ctx context.Context, data []byte) <-chan ProposeResu
 		out <- ProposeResult{Err: ErrStopped}
 		return out
 	}
-	go func() {
-		select {
-		case r := <-w.ch:
-			if r.err != nil {
-				n.m.failed.Inc()
-			}
-			out <- ProposeResult{Index: r.index, Err: r.err}
-		case <-ctx.Done():
-			n.waiters.remove(w.id)
-			n.m.failed.Inc()
-			out <- ProposeResult{Err: ctx.Err()}
-		case <-n.done:
-			out <- ProposeResult{Err: ErrStopped}
-		}
-	}()
+	go n.await(ctx, w, out)
 	return out
+}
+
+// ProposeAsyncBatch is ProposeAsync for several entries at once: they are
+// queued together, in order, so that the node takes them in one step and
+// they normally commit in one round (one fsync) rather than one after the
+// other.
+func (n *Node) ProposeAsyncBatch(ctx context.Context, data ...[]byte) []<-chan ProposeResult {
+	outs := make([]<-chan ProposeResult, len(data))
+	ws := make([]*waiter, len(data))
+	props := make([]proposal, len(data))
+	for i, d := range data {
+		ws[i] = n.waiters.add()
+		buf := make([]byte, 8+len(d))
+		binary.BigEndian.PutUint64(buf, ws[i].id)
+		copy(buf[8:], d)
+		props[i] = proposal{id: ws[i].id, data: buf}
+	}
+	p := &n.props
+	p.mu.Lock()
+	closed := p.closed
+	if !closed {
+		p.q = append(p.q, props...)
+	}
+	p.mu.Unlock()
+	if !closed {
+		select {
+		case p.wake <- struct{}{}:
+		default:
+		}
+	}
+	for i, w := range ws {
+		out := make(chan ProposeResult, 1)
+		outs[i] = out
+		if closed {
+			n.waiters.remove(w.id)
+			out <- ProposeResult{Err: ErrStopped}
+			continue
+		}
+		go n.await(ctx, w, out)
+	}
+	return outs
+}
+
+func (n *Node) await(ctx context.Context, w *waiter, out chan<- ProposeResult) {
+	select {
+	case r := <-w.ch:
+		if r.err != nil {
+			n.m.failed.Inc()
+		}
+		out <- ProposeResult{Index: r.index, Err: r.err}
+	case <-ctx.Done():
+		n.waiters.remove(w.id)
+		n.m.failed.Inc()
+		out <- ProposeResult{Err: ctx.Err()}
+	case <-n.done:
+		out <- ProposeResult{Err: ErrStopped}
+	}
 }

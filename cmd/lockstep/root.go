@@ -39,5 +39,6 @@ copy the same events in the same order.`,
 	root.PersistentFlags().StringVar(&level, "log-level", "info", "log level: debug, info, warn, error")
 	root.PersistentFlags().StringVar(&format, "log-format", "text", "log format: text or json")
 	root.AddCommand(newBenchCmd(), newRunCmd(), newEvalCmd())
+	root.AddCommand(newReplicaCmd(), newStatusCmd())
 	return root
 }

@@ -1,0 +1,454 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+// TCPFeederOptions configure a TCPFeeder.
+type TCPFeederOptions struct {
+	// Addr is the server's address (host:port), asked at every connect.
+	Addr func() string
+	// Output receives the server's output.
+	Output Output
+	// Budget bounds the bytes fed but not yet written to the server
+	// (default 256 MiB); Feed waits above it.
+	Budget int64
+	// CloseGrace is how long a graceful close waits for the server to end
+	// its output before resetting the connection (default 5s).
+	CloseGrace time.Duration
+	Logger     logrus.FieldLogger
+}
+
+// TCPFeeder is the Feeder of a server reached over TCP: each client
+// connection becomes a real connection to the server.
+//
+// Feed does what cannot block at once, in log order: it opens a
+// connection with a non-blocking connect (the SYNs leave in log order, so
+// the server accepts the connections in the log's order) and writes data
+// with a non-blocking write when the connection has nothing queued. What
+// would block goes to the connection's own queue and writer goroutine, so
+// that a server that does not read one connection never holds up another,
+// nor the apply loop. Each connection's output is read by its own
+// goroutine.
+type TCPFeeder struct {
+	o TCPFeederOptions
+
+	mu          sync.Mutex
+	space       *sync.Cond // queued fell, or closed
+	idle        *sync.Cond // outstanding fell, or closed
+	conns       map[uint64]*feedConn
+	queued      int64 // bytes queued, not yet written
+	outstanding int64 // events queued, not yet done
+	lastFed     uint64
+	closed      bool
+	wg          sync.WaitGroup
+
+	addrCache struct {
+		s  string
+		sa syscall.Sockaddr
+		af int
+	}
+}
+
+type feedOp struct {
+	typ   Type
+	data  []byte
+	abort bool
+}
+
+type feedConn struct {
+	f  *TCPFeeder
+	id uint64
+	c  *net.TCPConn // nil when the connect failed
+	rc syscall.RawConn
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	ops     []feedOp
+	writing bool      // the writer is doing an op
+	aborted bool      // we reset it: the reader reports ErrAborted
+	broken  bool      // a write failed: drop further data
+	expiry  time.Time // a reset is queued: writes must be done by then
+
+	readerDone chan struct{}
+}
+
+// NewTCPFeeder starts a feeder.
+func NewTCPFeeder(o TCPFeederOptions) *TCPFeeder {
+	if o.Budget <= 0 {
+		o.Budget = 256 << 20
+	}
+	if o.CloseGrace <= 0 {
+		o.CloseGrace = 5 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = logrus.StandardLogger()
+	}
+	f := &TCPFeeder{o: o, conns: map[uint64]*feedConn{}}
+	f.space = sync.NewCond(&f.mu)
+	f.idle = sync.NewCond(&f.mu)
+	return f
+}
+
+// Feed implements Feeder.
+func (f *TCPFeeder) Feed(ev Committed) {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return
+	}
+	if ev.Index > f.lastFed {
+		f.lastFed = ev.Index
+	}
+	switch ev.Type {
+	case Connect:
+		if _, ok := f.conns[ev.Conn]; ok {
+			f.mu.Unlock()
+			return // the state machine never does this
+		}
+		fc := &feedConn{f: f, id: ev.Conn, readerDone: make(chan struct{})}
+		fc.cond = sync.NewCond(&fc.mu)
+		f.conns[ev.Conn] = fc
+		f.wg.Add(2)
+		f.mu.Unlock()
+		c, err := f.connect()
+		if err != nil {
+			f.o.Logger.WithError(err).WithField("conn", fmt.Sprintf("%x", fc.id)).Warn("proxy: cannot connect to the server")
+			go func() {
+				defer f.wg.Done()
+				f.o.Output.ServerEOF(fc.id, fmt.Errorf("proxy: connecting to the server: %w", err))
+				close(fc.readerDone)
+			}()
+		} else {
+			fc.c = c
+			fc.rc, _ = c.SyscallConn()
+			go fc.reader()
+		}
+		go fc.writer()
+		return
+	case Data:
+		fc := f.conns[ev.Conn]
+		if fc == nil || len(ev.Data) == 0 {
+			f.mu.Unlock()
+			return
+		}
+		f.mu.Unlock()
+		n, ok := fc.tryWrite(ev.Data)
+		if n > 0 {
+			f.o.Output.Delivered(fc.id, n)
+		}
+		if ok {
+			return
+		}
+		rest := ev.Data[n:]
+		f.mu.Lock()
+		for f.queued > f.o.Budget && !f.closed {
+			f.space.Wait()
+		}
+		if !f.closed {
+			f.queued += int64(len(rest))
+			f.outstanding++
+			// The apply loop's buffers are not ours to keep.
+			fc.push(feedOp{typ: Data, data: append([]byte(nil), rest...)})
+		}
+	case Shutdown:
+		if fc := f.conns[ev.Conn]; fc != nil {
+			f.outstanding++
+			fc.push(feedOp{typ: Shutdown})
+		}
+	case Close, ServerClose:
+		if fc := f.conns[ev.Conn]; fc != nil {
+			delete(f.conns, ev.Conn)
+			f.outstanding++
+			if ev.Abort {
+				// The data queued before the reset still goes first, but a
+				// server that does not read may hold it up only so long.
+				fc.expire(time.Now().Add(abortGrace))
+			}
+			fc.push(feedOp{typ: Close, abort: ev.Abort})
+		}
+	}
+	f.mu.Unlock()
+}
+
+// connect starts a non-blocking connect to the server; the connection
+// completes in the background (at once on loopback).
+func (f *TCPFeeder) connect() (*net.TCPConn, error) {
+	addr := f.o.Addr()
+	if f.addrCache.s != addr {
+		ta, err := net.ResolveTCPAddr("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		if ip4 := ta.IP.To4(); ip4 != nil {
+			sa := &syscall.SockaddrInet4{Port: ta.Port}
+			copy(sa.Addr[:], ip4)
+			f.addrCache.sa, f.addrCache.af = sa, syscall.AF_INET
+		} else {
+			sa := &syscall.SockaddrInet6{Port: ta.Port}
+			copy(sa.Addr[:], ta.IP.To16())
+			f.addrCache.sa, f.addrCache.af = sa, syscall.AF_INET6
+		}
+		f.addrCache.s = addr
+	}
+	fd, err := syscall.Socket(f.addrCache.af, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("socket", err)
+	}
+	_ = syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
+	if err := syscall.Connect(fd, f.addrCache.sa); err != nil && err != syscall.EINPROGRESS && err != syscall.EINTR {
+		syscall.Close(fd)
+		return nil, os.NewSyscallError("connect", err)
+	}
+	file := os.NewFile(uintptr(fd), "feeder")
+	nc, err := net.FileConn(file)
+	file.Close()
+	if err != nil {
+		return nil, err
+	}
+	return nc.(*net.TCPConn), nil
+}
+
+// tryWrite writes what it can of b at once if nothing is queued before
+// it; ok tells that nothing is left to queue (all written, or dropped on a
+// broken connection).
+func (fc *feedConn) tryWrite(b []byte) (n int, ok bool) {
+	fc.mu.Lock()
+	defer fc.mu.Unlock()
+	if fc.c == nil || fc.broken || fc.aborted {
+		return 0, true
+	}
+	if len(fc.ops) > 0 || fc.writing || !fc.expiry.IsZero() {
+		return 0, false
+	}
+	var werr error
+	cerr := fc.rc.Control(func(fd uintptr) {
+		for n < len(b) {
+			k, err := syscall.Write(int(fd), b[n:])
+			if err == syscall.EINTR {
+				continue
+			}
+			if k > 0 {
+				n += k
+			}
+			if err != nil || k <= 0 {
+				werr = err
+				return
+			}
+		}
+	})
+	switch {
+	case cerr != nil:
+		return n, false
+	case werr == nil || werr == syscall.EAGAIN:
+		return n, n == len(b)
+	default:
+		fc.broken = true
+		return n, true
+	}
+}
+
+// done accounts for one finished event of n bytes.
+func (f *TCPFeeder) done(n int) {
+	f.mu.Lock()
+	f.outstanding--
+	if n > 0 {
+		f.queued -= int64(n)
+		f.space.Broadcast()
+	}
+	if f.outstanding == 0 {
+		f.idle.Broadcast()
+	}
+	f.mu.Unlock()
+}
+
+// Quiesce implements Feeder.
+func (f *TCPFeeder) Quiesce(ctx context.Context, index uint64) error {
+	stop := context.AfterFunc(ctx, func() {
+		f.mu.Lock()
+		f.idle.Broadcast()
+		f.mu.Unlock()
+	})
+	defer stop()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.lastFed > index {
+		return fmt.Errorf("proxy: feeder already fed index %d, beyond %d", f.lastFed, index)
+	}
+	for f.outstanding > 0 {
+		if f.closed {
+			return errors.New("proxy: feeder closed")
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		f.idle.Wait()
+	}
+	return nil
+}
+
+// Backlog reports the bytes fed but not yet written to the server.
+func (f *TCPFeeder) Backlog() int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.queued
+}
+
+// Close implements Feeder.
+func (f *TCPFeeder) Close() error {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	f.closed = true
+	conns := f.conns
+	f.conns = map[uint64]*feedConn{}
+	f.outstanding += int64(len(conns)) // the closes below
+	f.space.Broadcast()
+	f.idle.Broadcast()
+	f.mu.Unlock()
+	for _, fc := range conns {
+		fc.reset()
+		fc.push(feedOp{typ: Close, abort: true})
+	}
+	f.wg.Wait()
+	return nil
+}
+
+// abortGrace is how long the data queued before a reset may take to reach
+// the server.
+const abortGrace = time.Second
+
+func (fc *feedConn) push(op feedOp) {
+	fc.mu.Lock()
+	fc.ops = append(fc.ops, op)
+	fc.cond.Signal()
+	fc.mu.Unlock()
+}
+
+func (fc *feedConn) expire(t time.Time) {
+	fc.mu.Lock()
+	fc.expiry = t
+	if fc.c != nil {
+		_ = fc.c.SetWriteDeadline(t)
+	}
+	fc.mu.Unlock()
+}
+
+// reset marks the connection aborted and resets it.
+func (fc *feedConn) reset() {
+	fc.mu.Lock()
+	fc.aborted = true
+	if fc.c != nil {
+		_ = fc.c.SetLinger(0)
+		_ = fc.c.Close()
+	}
+	fc.cond.Broadcast()
+	fc.mu.Unlock()
+}
+
+func (fc *feedConn) writer() {
+	defer fc.f.wg.Done()
+	c := fc.c
+	for {
+		fc.mu.Lock()
+		for len(fc.ops) == 0 {
+			fc.cond.Wait()
+		}
+		op := fc.ops[0]
+		fc.ops[0] = feedOp{}
+		fc.ops = fc.ops[1:]
+		fc.writing = true
+		dead := c == nil || fc.aborted || fc.broken
+		fc.mu.Unlock()
+
+		switch op.typ {
+		case Data:
+			if !dead {
+				if _, err := c.Write(op.data); err != nil {
+					fc.mu.Lock()
+					fc.broken = true
+					fc.mu.Unlock()
+				} else {
+					fc.f.o.Output.Delivered(fc.id, len(op.data))
+				}
+			}
+			fc.f.done(len(op.data))
+		case Shutdown:
+			if !dead {
+				_ = c.CloseWrite()
+			}
+			fc.f.done(0)
+		case Close:
+			if c != nil {
+				if op.abort || dead {
+					fc.reset()
+				} else {
+					_ = c.CloseWrite()
+					t := time.NewTimer(fc.f.o.CloseGrace)
+					select {
+					case <-fc.readerDone:
+					case <-t.C:
+						fc.reset()
+					}
+					t.Stop()
+					_ = c.Close()
+				}
+			}
+			// Drop whatever else was queued (only a feeder Close does that).
+			fc.mu.Lock()
+			rest := fc.ops
+			fc.ops = nil
+			fc.mu.Unlock()
+			for _, o := range rest {
+				fc.f.done(len(o.data))
+			}
+			fc.f.done(0)
+			return
+		}
+		fc.mu.Lock()
+		fc.writing = false
+		fc.mu.Unlock()
+	}
+}
+
+// outputBufs are the readers' buffers: a connection is often short.
+var outputBufs = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
+
+func (fc *feedConn) reader() {
+	defer fc.f.wg.Done()
+	defer close(fc.readerDone)
+	bp := outputBufs.Get().(*[]byte)
+	defer outputBufs.Put(bp)
+	buf := *bp
+	for {
+		n, err := fc.c.Read(buf)
+		if n > 0 {
+			fc.f.o.Output.ServerData(fc.id, buf[:n])
+		}
+		if err != nil {
+			fc.mu.Lock()
+			aborted := fc.aborted
+			fc.mu.Unlock()
+			switch {
+			case aborted:
+				err = ErrAborted
+			case errors.Is(err, io.EOF):
+				err = nil
+			}
+			fc.f.o.Output.ServerEOF(fc.id, err)
+			return
+		}
+	}
+}
