@@ -3,11 +3,13 @@ package proxy
 import (
 	"encoding/json"
 	"net/http"
+	"net/http/pprof"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// adminHandler serves /metrics (the proxy's and the log's) and /status.
+// adminHandler serves /metrics (the proxy's and the log's), /status and
+// /debug/pprof.
 func (r *Replica) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(r.o.Registry, promhttp.HandlerOpts{}))
@@ -17,5 +19,10 @@ func (r *Replica) adminHandler() http.Handler {
 		enc.SetIndent("", "  ")
 		_ = enc.Encode(r.Status())
 	})
+	// Profiles and execution traces of a live replica: the admin address
+	// is localhost unless configured otherwise.
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
 }
