@@ -1,0 +1,222 @@
+package eval
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"lockstep/configs"
+	"lockstep/proxy"
+)
+
+var lockstepBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "lockstep-eval-bin-")
+	if err != nil {
+		panic(err)
+	}
+	lockstepBin = filepath.Join(dir, "lockstep")
+	if out, err := exec.Command("go", "build", "-o", lockstepBin, "lockstep/cmd/lockstep").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building lockstep: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for network namespaces")
+	}
+	for _, bin := range []string{"/usr/sbin/apache2", "ab"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Skipf("%s not installed (make setup)", bin)
+		}
+	}
+}
+
+// worldDir is a temporary directory that Apache's child (www-data) can
+// search, unlike t.TempDir's.
+func worldDir(t *testing.T) string {
+	t.Helper()
+	d := t.TempDir()
+	for _, p := range []string{filepath.Dir(d), d} {
+		if err := os.Chmod(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return d
+}
+
+func loadApache(t *testing.T) *configs.Config {
+	t.Helper()
+	cfg, err := configs.Load("../configs/apache.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+func runAB(t *testing.T, d *Deployment, replica int, args ...string) Measurement {
+	t.Helper()
+	argv := append([]string{"ab"}, args...)
+	cmd, err := d.ClientCommand(context.Background(), argv, replica)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.CombinedOutput()
+	m, perr := ParseAB(string(out), nil)
+	if perr != nil {
+		t.Fatalf("ab: %v %v", err, perr)
+	}
+	return m
+}
+
+// replicaStatus reads a replica's /status from inside the client namespace.
+func replicaStatus(d *Deployment, i int) (proxy.Status, error) {
+	var st proxy.Status
+	host := fmt.Sprintf("r%d", i+1)
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return d.Cluster().DialContext(ctx, host, network, addr)
+		}}}
+	resp, err := client.Get("http://" + d.Admins()[i] + "/status")
+	if err != nil {
+		return st, err
+	}
+	defer resp.Body.Close()
+	return st, json.NewDecoder(resp.Body).Decode(&st)
+}
+
+// TestProxyOnlyInNamespaces runs the whole product as a user would: three
+// `lockstep replica` processes in their own network namespaces with
+// Apache, ab from the client namespace through a backup, then SIGKILL of
+// the leader's process group: new connections succeed within 3 s and the
+// survivors still agree.
+func TestProxyOnlyInNamespaces(t *testing.T) {
+	needRoot(t)
+	cfg := loadApache(t)
+	log := logrus.New()
+	log.SetLevel(logrus.WarnLevel)
+	d, err := Deploy(context.Background(), DeployOptions{Config: cfg, Mode: configs.ModeProxyOnly, Replicas: 3,
+		CPUQuota: 0, Bin: lockstepBin, WorkDir: worldDir(t), Run: "evaltest", Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+
+	leader := -1
+	deadline := time.Now().Add(10 * time.Second)
+	for leader < 0 && time.Now().Before(deadline) {
+		for i := range d.Admins() {
+			if st, err := replicaStatus(d, i); err == nil && st.Role == "leader" {
+				leader = i
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if leader < 0 {
+		t.Fatal("no leader")
+	}
+	backup := (leader + 1) % 3
+	m := runAB(t, d, backup, "-n", "300", "-c", "8", "http://{{.Addr}}/index.html")
+	if m.Failed != 0 || m.Complete != 300 {
+		t.Fatalf("through backup r%d: %d complete, %d failed", backup+1, m.Complete, m.Failed)
+	}
+
+	if err := d.KillReplica(leader + 1); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	var served time.Duration
+	for time.Since(killed) < 10*time.Second {
+		cmd, _ := d.ClientCommand(context.Background(), []string{"curl", "-sf", "-m", "1", "-o", "/dev/null",
+			"http://{{.Addr}}/index.html"}, backup)
+		if cmd.Run() == nil {
+			served = time.Since(killed)
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if served == 0 || served > 3*time.Second {
+		t.Fatalf("after SIGKILL of the leader, new connections succeeded after %v (want within 3s)", served)
+	}
+	t.Logf("a new connection succeeded %v after the leader was killed", served.Round(time.Millisecond))
+	m = runAB(t, d, backup, "-n", "200", "-c", "8", "http://{{.Addr}}/index.html")
+	if m.Failed != 0 {
+		t.Fatalf("after failover: %d failed", m.Failed)
+	}
+
+	// The survivors applied the same log and found no divergence.
+	time.Sleep(300 * time.Millisecond)
+	var applied []uint64
+	for i := range d.Admins() {
+		if i == leader {
+			continue
+		}
+		st, err := replicaStatus(d, i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Divergences > 0 {
+			t.Fatalf("replica r%d reports divergences: %+v", i+1, st.DivergenceList)
+		}
+		if st.DigestsCompared == 0 {
+			t.Fatalf("replica r%d compared no digests", i+1)
+		}
+		applied = append(applied, st.Applied)
+	}
+	if applied[0] != applied[1] {
+		t.Logf("survivors at applied %v (one may still be catching up)", applied)
+	}
+	logs := map[int][]byte{}
+	for i := 0; i < 3; i++ {
+		if i == leader {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(d.opts.WorkDir, fmt.Sprintf("%d", i+1), "server", "access.log"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		logs[i] = b
+	}
+	var counts []int
+	for _, b := range logs {
+		counts = append(counts, bytes.Count(b, []byte("\n")))
+	}
+	if counts[0] != counts[1] || counts[0] < 500 {
+		t.Fatalf("survivors' access logs have %v lines (want equal, >= 500)", counts)
+	}
+}
+
+// TestRunOrigCommand is `lockstep run --mode orig -- COMMAND`: the command
+// runs in the client namespace with LOCKSTEP_ADDR and its exit status is
+// lockstep's.
+func TestRunOrigCommand(t *testing.T) {
+	needRoot(t)
+	out, err := exec.Command(lockstepBin, "run", "--config", "../configs/apache.toml", "--mode", "orig",
+		"--work-dir", worldDir(t), "--log-level", "warn", "--",
+		"sh", "-c", `curl -sf -o /dev/null http://$LOCKSTEP_ADDR/index.html && echo served $LOCKSTEP_ADDR; exit 7`).CombinedOutput()
+	var ee *exec.ExitError
+	if err == nil || !errors.As(err, &ee) || ee.ExitCode() != 7 {
+		t.Fatalf("exit: %v (want status 7)\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "served 10.") {
+		t.Fatalf("command did not reach the server:\n%s", out)
+	}
+}
