@@ -19,8 +19,12 @@ vet:
 	gofmt -l $$(git ls-files '*.go') | (! grep .) || (echo "gofmt needed" && false)
 	$(GO) vet ./...
 
-# The main job: a replicated demo with its numbers.
+# The main job: a replicated demo with its numbers. Apache alone against
+# Apache behind three replicas (each in its own network namespace, half a
+# core each), ab -c 8 from a client namespace; then the replicated log
+# against etcd.
 demo: setup build
+	$(BIN) eval --config configs/apache.toml --modes orig,proxy_only --rounds 3
 	$(BIN) bench log --replicas 3 --clients 1,64 --duration 10s
 
 # Every test, including a short end-to-end run of every capability and a
