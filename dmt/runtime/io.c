@@ -1,0 +1,1026 @@
+/*
+ * io.c: socket calls, poll/select/epoll, other calls that can block in the
+ * kernel, fork and syscall().
+ *
+ * Rule: a call that can block is never made while holding the turn. A
+ * socket call first runs under the turn without blocking (MSG_DONTWAIT, or
+ * a zero timeout); only if it would block and the caller asked to block
+ * does the thread leave the runq, block in the kernel, and re-enter the
+ * runq when the call returns. Calls on regular files do not take the turn.
+ *
+ * These are the hooks for the next step (joint_sched): the non-blocking
+ * attempt under the turn is where the input channel (shm.h) decides what
+ * the call may see at this logical time, and turn_unblock() is where a
+ * returning thread's logical re-entry time will come from the log.
+ */
+#include "dmt.h"
+
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/file.h>
+#include <sys/ipc.h>
+#include <sys/msg.h>
+#include <sys/select.h>
+#include <sys/sem.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <linux/futex.h>
+
+HIDDEN int dmt_sleep_ns(dmt_thread *s, uint64_t rel_ns);
+
+static struct {
+	int (*socket)(int, int, int);
+	int (*socketpair)(int, int, int, int[2]);
+	int (*accept)(int, struct sockaddr *, socklen_t *);
+	int (*accept4)(int, struct sockaddr *, socklen_t *, int);
+	int (*connect)(int, const struct sockaddr *, socklen_t);
+	ssize_t (*read)(int, void *, size_t);
+	ssize_t (*readv)(int, const struct iovec *, int);
+	ssize_t (*recvfrom)(int, void *, size_t, int, struct sockaddr *, socklen_t *);
+	ssize_t (*recvmsg)(int, struct msghdr *, int);
+	ssize_t (*write)(int, const void *, size_t);
+	ssize_t (*writev)(int, const struct iovec *, int);
+	ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+	ssize_t (*sendmsg)(int, const struct msghdr *, int);
+	ssize_t (*sendfile)(int, int, off_t *, size_t);
+	int (*close)(int);
+	int (*shutdown)(int, int);
+	int (*poll)(struct pollfd *, nfds_t, int);
+	int (*ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+	int (*select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
+	int (*pselect)(int, fd_set *, fd_set *, fd_set *, const struct timespec *, const sigset_t *);
+	int (*epoll_wait)(int, struct epoll_event *, int, int);
+	int (*epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
+	int (*epoll_pwait2)(int, struct epoll_event *, int, const struct timespec *, const sigset_t *);
+	int (*pipe)(int[2]);
+	int (*pipe2)(int[2], int);
+	int (*dup)(int);
+	int (*dup2)(int, int);
+	int (*dup3)(int, int, int);
+	int (*fcntl)(int, int, ...);
+	int (*fcntl64)(int, int, ...);
+	pid_t (*waitpid)(pid_t, int *, int);
+	pid_t (*wait)(int *);
+	pid_t (*wait3)(int *, int, struct rusage *);
+	pid_t (*wait4)(pid_t, int *, int, struct rusage *);
+	int (*waitid)(idtype_t, id_t, siginfo_t *, int);
+	int (*pause)(void);
+	int (*sigsuspend)(const sigset_t *);
+	int (*sigwait)(const sigset_t *, int *);
+	int (*sigwaitinfo)(const sigset_t *, siginfo_t *);
+	int (*sigtimedwait)(const sigset_t *, siginfo_t *, const struct timespec *);
+	int (*flock)(int, int);
+	int (*lockf)(int, int, off_t);
+	int (*semop)(int, struct sembuf *, size_t);
+	int (*semtimedop)(int, struct sembuf *, size_t, const struct timespec *);
+	ssize_t (*msgrcv)(int, void *, size_t, long, int);
+	int (*msgsnd)(int, const void *, size_t, int);
+} RI;
+
+void dmt_io_init(void)
+{
+#define L(f) RI.f = dlsym(RTLD_NEXT, #f)
+	L(socket); L(socketpair); L(accept); L(accept4); L(connect);
+	L(read); L(readv); L(recvfrom); L(recvmsg);
+	L(write); L(writev); L(sendto); L(sendmsg); L(sendfile);
+	L(close); L(shutdown); L(poll); L(ppoll); L(select); L(pselect);
+	L(epoll_wait); L(epoll_pwait); L(epoll_pwait2);
+	L(pipe); L(pipe2); L(dup); L(dup2); L(dup3); L(fcntl); L(fcntl64);
+	L(waitpid); L(wait); L(wait3); L(wait4); L(waitid);
+	L(pause); L(sigsuspend); L(sigwait); L(sigwaitinfo); L(sigtimedwait);
+	L(flock); L(lockf); L(semop); L(semtimedop); L(msgrcv); L(msgsnd);
+#undef L
+	if (!RI.fcntl64)
+		RI.fcntl64 = RI.fcntl;
+}
+
+/* Before init (a constructor of another library calling in): resolve the
+ * one function on the spot. */
+#define REAL(f) (likely(RI.f) ? RI.f : (__typeof__(RI.f))dlsym(RTLD_NEXT, #f))
+
+/* ---------------------------------------------------------------- fds */
+
+enum { FC_UNKNOWN = 0, FC_SOCK, FC_PASS, FC_OTHER };
+#define FD_TAB 65536
+static uint8_t fdtab[FD_TAB];
+
+static void fd_set_class(int fd, int c)
+{
+	if (fd >= 0 && fd < FD_TAB)
+		__atomic_store_n(&fdtab[fd], (uint8_t)c, __ATOMIC_RELAXED);
+}
+
+static int fd_class(int fd)
+{
+	if (fd < 0)
+		return FC_PASS;
+	if (fd < FD_TAB) {
+		int c = __atomic_load_n(&fdtab[fd], __ATOMIC_RELAXED);
+		if (c)
+			return c;
+	}
+	struct stat st;
+	int e = errno, c;
+	if (fstat(fd, &st) != 0) {
+		errno = e;
+		return FC_PASS; /* let the real call report it */
+	}
+	errno = e;
+	if (S_ISSOCK(st.st_mode))
+		c = FC_SOCK;
+	else if (S_ISREG(st.st_mode) || S_ISDIR(st.st_mode) || S_ISBLK(st.st_mode))
+		c = FC_PASS;
+	else
+		c = FC_OTHER; /* pipes, ttys, eventfd, ...: may block */
+	fd_set_class(fd, c);
+	return c;
+}
+
+static int fd_nonblock(int fd)
+{
+	int e = errno;
+	int fl = REAL(fcntl)(fd, F_GETFL);
+	errno = e;
+	return fl >= 0 && (fl & O_NONBLOCK);
+}
+
+static inline int would_block(ssize_t r, int e) { return r < 0 && (e == EAGAIN || e == EWOULDBLOCK); }
+
+/* ---------------------------------------------------------------- in */
+
+enum { K_READ, K_RECVFROM, K_READV, K_RECVMSG };
+
+static ssize_t in_call(int k, int fd, void *buf, size_t n, int flags, void *a, void *b)
+{
+	switch (k) {
+	case K_READ:
+		return flags ? RI.recvfrom(fd, buf, n, flags, 0, 0) : RI.read(fd, buf, n);
+	case K_RECVFROM:
+		return RI.recvfrom(fd, buf, n, flags, a, b);
+	case K_READV:
+		if (flags) {
+			struct msghdr m;
+			memset(&m, 0, sizeof m);
+			m.msg_iov = buf;
+			m.msg_iovlen = n;
+			return RI.recvmsg(fd, &m, flags);
+		}
+		return RI.readv(fd, buf, (int)n);
+	default:
+		return RI.recvmsg(fd, a, flags);
+	}
+}
+
+/* -2 with errno ENOTSOCK: the descriptor is not a socket after all */
+static ssize_t sock_in(dmt_thread *s, int k, int fd, void *buf, size_t n, int flags, void *a,
+		       void *b)
+{
+	turn_get(s);
+	stat_op(DMT_OP_RECV);
+	ssize_t r;
+	int e;
+	if (flags & MSG_WAITALL) {
+		r = -1;
+		e = EAGAIN;
+	} else {
+		r = in_call(k, fd, buf, n, flags | MSG_DONTWAIT, a, b);
+		e = errno;
+	}
+	if (would_block(r, e) && !(flags & MSG_DONTWAIT) && !fd_nonblock(fd)) {
+		int blk = turn_block(s);
+		r = in_call(k, fd, buf, n, flags, a, b);
+		e = errno;
+		turn_unblock(s, blk);
+		if (r > 0 && blk)
+			dmt_input_arrived(s);
+	} else {
+		/* input usually precedes computation: let the others pass */
+		if (r > 0)
+			s->weight = G.input_weight;
+		turn_put(s);
+		if (r < 0 && e == ENOTSOCK && (k == K_READ || k == K_READV)) {
+			fd_set_class(fd, FC_UNKNOWN);
+			r = -2;
+		}
+	}
+	errno = e;
+	return r;
+}
+
+/* ---------------------------------------------------------------- out */
+
+enum { K_WRITE, K_SENDTO, K_WRITEV, K_SENDMSG };
+
+static ssize_t out_call(int k, int fd, const void *buf, size_t n, int flags, const void *a,
+			socklen_t al)
+{
+	switch (k) {
+	case K_WRITE:
+		return flags ? RI.sendto(fd, buf, n, flags, 0, 0) : RI.write(fd, buf, n);
+	case K_SENDTO:
+		return RI.sendto(fd, buf, n, flags, a, al);
+	case K_WRITEV:
+		if (flags) {
+			struct msghdr m;
+			memset(&m, 0, sizeof m);
+			m.msg_iov = (struct iovec *)buf;
+			m.msg_iovlen = n;
+			return RI.sendmsg(fd, &m, flags);
+		}
+		return RI.writev(fd, buf, (int)n);
+	default:
+		return RI.sendmsg(fd, a, flags);
+	}
+}
+
+static size_t iov_total(const struct iovec *v, size_t n)
+{
+	size_t t = 0;
+	for (size_t i = 0; i < n; i++)
+		t += v[i].iov_len;
+	return t;
+}
+
+/* Send what is left of a partially sent request, blocking. */
+static ssize_t out_rest(int k, int fd, const void *buf, size_t n, int flags, const void *a,
+			socklen_t al, size_t done)
+{
+	if (k == K_WRITE || k == K_SENDTO) {
+		while (done < n) {
+			ssize_t r = out_call(k, fd, (const char *)buf + done, n - done, flags, a, al);
+			if (r < 0)
+				return done ? (ssize_t)done : r;
+			done += r;
+		}
+		return done;
+	}
+	const struct iovec *v0 = k == K_WRITEV ? buf : ((const struct msghdr *)a)->msg_iov;
+	size_t cnt = k == K_WRITEV ? n : ((const struct msghdr *)a)->msg_iovlen;
+	if (cnt > 1024)
+		return done;
+	struct iovec v[cnt ? cnt : 1];
+	memcpy(v, v0, cnt * sizeof *v);
+	size_t total = iov_total(v, cnt), i = 0, skip = done;
+	while (done < total) {
+		while (i < cnt && skip >= v[i].iov_len) {
+			skip -= v[i].iov_len;
+			i++;
+		}
+		v[i].iov_base = (char *)v[i].iov_base + skip;
+		v[i].iov_len -= skip;
+		skip = 0;
+		ssize_t r;
+		if (k == K_WRITEV) {
+			r = out_call(K_WRITEV, fd, &v[i], cnt - i, flags, 0, 0);
+		} else {
+			struct msghdr m = *(const struct msghdr *)a;
+			m.msg_iov = &v[i];
+			m.msg_iovlen = cnt - i;
+			r = RI.sendmsg(fd, &m, flags);
+		}
+		if (r < 0)
+			return done ? (ssize_t)done : r;
+		done += r;
+		skip = r;
+	}
+	return done;
+}
+
+static ssize_t sock_out(dmt_thread *s, int k, int fd, const void *buf, size_t n, int flags,
+			const void *a, socklen_t al)
+{
+	size_t want = k == K_WRITE || k == K_SENDTO ? n
+		      : k == K_WRITEV		    ? iov_total(buf, n)
+						    : iov_total(((const struct msghdr *)a)->msg_iov,
+								((const struct msghdr *)a)->msg_iovlen);
+	turn_get(s);
+	stat_op(DMT_OP_SEND);
+	ssize_t r = out_call(k, fd, buf, n, flags | MSG_DONTWAIT, a, al);
+	int e = errno;
+	int partial = r >= 0 && (size_t)r < want;
+	if ((would_block(r, e) || partial) && !(flags & MSG_DONTWAIT) && !fd_nonblock(fd)) {
+		int blk = turn_block(s);
+		if (r < 0)
+			r = out_call(k, fd, buf, n, flags, a, al);
+		else
+			r = out_rest(k, fd, buf, n, flags, a, al, (size_t)r);
+		e = errno;
+		turn_unblock(s, blk);
+	} else {
+		turn_put(s);
+		if (r < 0 && e == ENOTSOCK && (k == K_WRITE || k == K_WRITEV)) {
+			fd_set_class(fd, FC_UNKNOWN);
+			r = -2;
+		}
+	}
+	errno = e;
+	return r;
+}
+
+/* ---------------------------------------------------------------- hooks */
+
+EXPORT ssize_t read(int fd, void *buf, size_t n)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(read)(fd, buf, n);
+	for (;;) {
+		int c = fd_class(fd);
+		if (c == FC_PASS)
+			return RI.read(fd, buf, n);
+		if (c == FC_OTHER)
+			return DMT_BLOCKING(s, DMT_OP_PIPE_IO, RI.read(fd, buf, n));
+		ssize_t r = sock_in(s, K_READ, fd, buf, n, 0, 0, 0);
+		if (r != -2)
+			return r;
+	}
+}
+
+EXPORT ssize_t readv(int fd, const struct iovec *v, int cnt)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(readv)(fd, v, cnt);
+	for (;;) {
+		int c = fd_class(fd);
+		if (c == FC_PASS)
+			return RI.readv(fd, v, cnt);
+		if (c == FC_OTHER)
+			return DMT_BLOCKING(s, DMT_OP_PIPE_IO, RI.readv(fd, v, cnt));
+		ssize_t r = sock_in(s, K_READV, fd, (void *)v, (size_t)cnt, 0, 0, 0);
+		if (r != -2)
+			return r;
+	}
+}
+
+EXPORT ssize_t recv(int fd, void *buf, size_t n, int flags)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(recvfrom)(fd, buf, n, flags, 0, 0);
+	return sock_in(s, K_RECVFROM, fd, buf, n, flags, 0, 0);
+}
+
+EXPORT ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *a, socklen_t *al)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(recvfrom)(fd, buf, n, flags, a, al);
+	return sock_in(s, K_RECVFROM, fd, buf, n, flags, a, al);
+}
+
+EXPORT ssize_t recvmsg(int fd, struct msghdr *m, int flags)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(recvmsg)(fd, m, flags);
+	return sock_in(s, K_RECVMSG, fd, 0, 0, flags, m, 0);
+}
+
+EXPORT ssize_t write(int fd, const void *buf, size_t n)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(write)(fd, buf, n);
+	for (;;) {
+		int c = fd_class(fd);
+		if (c == FC_PASS)
+			return RI.write(fd, buf, n);
+		if (c == FC_OTHER)
+			return DMT_BLOCKING(s, DMT_OP_PIPE_IO, RI.write(fd, buf, n));
+		ssize_t r = sock_out(s, K_WRITE, fd, buf, n, 0, 0, 0);
+		if (r != -2)
+			return r;
+	}
+}
+
+EXPORT ssize_t writev(int fd, const struct iovec *v, int cnt)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(writev)(fd, v, cnt);
+	for (;;) {
+		int c = fd_class(fd);
+		if (c == FC_PASS)
+			return RI.writev(fd, v, cnt);
+		if (c == FC_OTHER)
+			return DMT_BLOCKING(s, DMT_OP_PIPE_IO, RI.writev(fd, v, cnt));
+		ssize_t r = sock_out(s, K_WRITEV, fd, v, (size_t)cnt, 0, 0, 0);
+		if (r != -2)
+			return r;
+	}
+}
+
+EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(sendto)(fd, buf, n, flags, 0, 0);
+	return sock_out(s, K_SENDTO, fd, buf, n, flags, 0, 0);
+}
+
+EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *a,
+		      socklen_t al)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(sendto)(fd, buf, n, flags, a, al);
+	return sock_out(s, K_SENDTO, fd, buf, n, flags, a, al);
+}
+
+EXPORT ssize_t sendmsg(int fd, const struct msghdr *m, int flags)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(sendmsg)(fd, m, flags);
+	return sock_out(s, K_SENDMSG, fd, 0, 0, flags, m, 0);
+}
+
+static ssize_t do_sendfile(int out, int in, off_t *off, size_t n)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(sendfile)(out, in, off, n);
+	int c = fd_class(out);
+	if (c == FC_PASS)
+		return RI.sendfile(out, in, off, n);
+	if (fd_nonblock(out)) {
+		turn_get(s);
+		stat_op(DMT_OP_SEND);
+		ssize_t r = RI.sendfile(out, in, off, n);
+		int e = errno;
+		turn_put(s);
+		errno = e;
+		return r;
+	}
+	return DMT_BLOCKING(s, DMT_OP_SEND, RI.sendfile(out, in, off, n));
+}
+
+EXPORT ssize_t sendfile(int out, int in, off_t *off, size_t n) { return do_sendfile(out, in, off, n); }
+EXPORT ssize_t sendfile64(int out, int in, off_t *off, size_t n) { return do_sendfile(out, in, off, n); }
+
+static int do_accept(int fd, struct sockaddr *a, socklen_t *al, int flags, int four)
+{
+	dmt_thread *s = dmt_enter();
+	int r, e;
+	if (!s) {
+		r = four ? REAL(accept4)(fd, a, al, flags) : REAL(accept)(fd, a, al);
+	} else if (fd_nonblock(fd)) {
+		turn_get(s);
+		stat_op(DMT_OP_ACCEPT);
+		r = four ? RI.accept4(fd, a, al, flags) : RI.accept(fd, a, al);
+		e = errno;
+		turn_put(s);
+		errno = e;
+	} else {
+		r = DMT_BLOCKING(s, DMT_OP_ACCEPT,
+				 four ? RI.accept4(fd, a, al, flags) : RI.accept(fd, a, al));
+	}
+	if (r >= 0)
+		fd_set_class(r, FC_SOCK);
+	return r;
+}
+
+EXPORT int accept(int fd, struct sockaddr *a, socklen_t *al) { return do_accept(fd, a, al, 0, 0); }
+EXPORT int accept4(int fd, struct sockaddr *a, socklen_t *al, int fl)
+{
+	return do_accept(fd, a, al, fl, 1);
+}
+
+EXPORT int connect(int fd, const struct sockaddr *a, socklen_t al)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(connect)(fd, a, al);
+	if (fd_nonblock(fd)) {
+		turn_get(s);
+		stat_op(DMT_OP_CONNECT);
+		int r = RI.connect(fd, a, al), e = errno;
+		turn_put(s);
+		errno = e;
+		return r;
+	}
+	return DMT_BLOCKING(s, DMT_OP_CONNECT, RI.connect(fd, a, al));
+}
+
+EXPORT int socket(int d, int t, int p)
+{
+	int r = REAL(socket)(d, t, p);
+	fd_set_class(r, FC_SOCK);
+	return r;
+}
+
+EXPORT int socketpair(int d, int t, int p, int sv[2])
+{
+	int r = REAL(socketpair)(d, t, p, sv);
+	if (r == 0) {
+		fd_set_class(sv[0], FC_SOCK);
+		fd_set_class(sv[1], FC_SOCK);
+	}
+	return r;
+}
+
+EXPORT int pipe(int fds[2])
+{
+	int r = REAL(pipe)(fds);
+	if (r == 0) {
+		fd_set_class(fds[0], FC_OTHER);
+		fd_set_class(fds[1], FC_OTHER);
+	}
+	return r;
+}
+
+EXPORT int pipe2(int fds[2], int fl)
+{
+	int r = REAL(pipe2)(fds, fl);
+	if (r == 0) {
+		fd_set_class(fds[0], FC_OTHER);
+		fd_set_class(fds[1], FC_OTHER);
+	}
+	return r;
+}
+
+static void fd_copy(int from, int to)
+{
+	if (to >= 0 && to != from)
+		fd_set_class(to, from >= 0 && from < FD_TAB ? fdtab[from] : FC_UNKNOWN);
+}
+
+EXPORT int dup(int fd)
+{
+	int r = REAL(dup)(fd);
+	fd_copy(fd, r);
+	return r;
+}
+
+EXPORT int dup2(int fd, int to)
+{
+	int r = REAL(dup2)(fd, to);
+	fd_copy(fd, r);
+	return r;
+}
+
+EXPORT int dup3(int fd, int to, int fl)
+{
+	int r = REAL(dup3)(fd, to, fl);
+	fd_copy(fd, r);
+	return r;
+}
+
+EXPORT int close(int fd)
+{
+	dmt_thread *s = dmt_enter();
+	int sock = fd >= 0 && fd < FD_TAB && fdtab[fd] == FC_SOCK;
+	fd_set_class(fd, FC_UNKNOWN);
+	if (!s || !sock)
+		return REAL(close)(fd);
+	turn_get(s);
+	stat_op(DMT_OP_CLOSE);
+	int r = RI.close(fd), e = errno;
+	turn_put(s);
+	errno = e;
+	return r;
+}
+
+EXPORT int shutdown(int fd, int how)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(shutdown)(fd, how);
+	turn_get(s);
+	stat_op(DMT_OP_SHUTDOWN);
+	int r = RI.shutdown(fd, how), e = errno;
+	turn_put(s);
+	errno = e;
+	return r;
+}
+
+static int fcntl_common(int (*real)(int, int, ...), int fd, int cmd, void *arg)
+{
+	dmt_thread *s;
+	switch (cmd) {
+	case F_SETLKW:
+	case F_OFD_SETLKW:
+		s = dmt_enter();
+		if (s)
+			return DMT_BLOCKING(s, DMT_OP_FILE_LOCK, real(fd, cmd, arg));
+		return real(fd, cmd, arg);
+	case F_DUPFD:
+	case F_DUPFD_CLOEXEC: {
+		int r = real(fd, cmd, arg);
+		fd_copy(fd, r);
+		return r;
+	}
+	default:
+		return real(fd, cmd, arg);
+	}
+}
+
+EXPORT int fcntl(int fd, int cmd, ...)
+{
+	va_list ap;
+	va_start(ap, cmd);
+	void *arg = va_arg(ap, void *);
+	va_end(ap);
+	return fcntl_common(REAL(fcntl), fd, cmd, arg);
+}
+
+EXPORT int fcntl64(int fd, int cmd, ...)
+{
+	va_list ap;
+	va_start(ap, cmd);
+	void *arg = va_arg(ap, void *);
+	va_end(ap);
+	return fcntl_common(REAL(fcntl64), fd, cmd, arg);
+}
+
+/* ---------------------------------------------------------------- readiness */
+
+EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(poll)(fds, n, timeout);
+	if (n == 0 && timeout >= 0)
+		return dmt_sleep_ns(s, (uint64_t)timeout * 1000000ull);
+	turn_get(s);
+	stat_op(DMT_OP_POLL);
+	int r = RI.poll(fds, n, 0), e = errno;
+	if (r == 0 && timeout != 0) {
+		int blk = turn_block(s);
+		r = RI.poll(fds, n, timeout);
+		e = errno;
+		turn_unblock(s, blk);
+	} else {
+		turn_put(s);
+	}
+	errno = e;
+	return r;
+}
+
+EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(ppoll)(fds, n, ts, mask);
+	static const struct timespec zero;
+	turn_get(s);
+	stat_op(DMT_OP_POLL);
+	int r = RI.ppoll(fds, n, &zero, mask), e = errno;
+	if (r == 0 && !(ts && ts->tv_sec == 0 && ts->tv_nsec == 0)) {
+		int blk = turn_block(s);
+		r = RI.ppoll(fds, n, ts, mask);
+		e = errno;
+		turn_unblock(s, blk);
+	} else {
+		turn_put(s);
+	}
+	errno = e;
+	return r;
+}
+
+static int sets_empty(int n, fd_set *a, fd_set *b, fd_set *c)
+{
+	return n <= 0 || (!a && !b && !c);
+}
+
+EXPORT int select(int n, fd_set *rd, fd_set *wr, fd_set *ex, struct timeval *tv)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(select)(n, rd, wr, ex, tv);
+	if (sets_empty(n, rd, wr, ex) && tv) {
+		/* apr_sleep and friends: a sleep in logical time */
+		int r = dmt_sleep_ns(s, (uint64_t)tv->tv_sec * 1000000000ull +
+					       (uint64_t)tv->tv_usec * 1000);
+		tv->tv_sec = tv->tv_usec = 0;
+		return r;
+	}
+	fd_set r0, w0, e0;
+	if (rd)
+		r0 = *rd;
+	if (wr)
+		w0 = *wr;
+	if (ex)
+		e0 = *ex;
+	struct timeval z = {0, 0};
+	turn_get(s);
+	stat_op(DMT_OP_SELECT);
+	int r = RI.select(n, rd, wr, ex, &z), e = errno;
+	if (r == 0 && !(tv && tv->tv_sec == 0 && tv->tv_usec == 0)) {
+		if (rd)
+			*rd = r0;
+		if (wr)
+			*wr = w0;
+		if (ex)
+			*ex = e0;
+		int blk = turn_block(s);
+		r = RI.select(n, rd, wr, ex, tv);
+		e = errno;
+		turn_unblock(s, blk);
+	} else {
+		turn_put(s);
+	}
+	errno = e;
+	return r;
+}
+
+EXPORT int pselect(int n, fd_set *rd, fd_set *wr, fd_set *ex, const struct timespec *ts,
+		   const sigset_t *mask)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(pselect)(n, rd, wr, ex, ts, mask);
+	fd_set r0, w0, e0;
+	if (rd)
+		r0 = *rd;
+	if (wr)
+		w0 = *wr;
+	if (ex)
+		e0 = *ex;
+	static const struct timespec zero;
+	turn_get(s);
+	stat_op(DMT_OP_SELECT);
+	int r = RI.pselect(n, rd, wr, ex, &zero, mask), e = errno;
+	if (r == 0 && !(ts && ts->tv_sec == 0 && ts->tv_nsec == 0)) {
+		if (rd)
+			*rd = r0;
+		if (wr)
+			*wr = w0;
+		if (ex)
+			*ex = e0;
+		int blk = turn_block(s);
+		r = RI.pselect(n, rd, wr, ex, ts, mask);
+		e = errno;
+		turn_unblock(s, blk);
+	} else {
+		turn_put(s);
+	}
+	errno = e;
+	return r;
+}
+
+/* epoll: the wait is a readiness check under the turn, then (if nothing is
+ * ready) a kernel wait outside the runq. epoll_ctl does not block. */
+static int epoll_common(int ep, struct epoll_event *ev, int max, int ms,
+			const struct timespec *ts, const sigset_t *mask, int kind)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s) {
+		if (kind == 2)
+			return REAL(epoll_pwait2)(ep, ev, max, ts, mask);
+		if (kind == 1)
+			return REAL(epoll_pwait)(ep, ev, max, ms, mask);
+		return REAL(epoll_wait)(ep, ev, max, ms);
+	}
+	static const struct timespec zero;
+	turn_get(s);
+	stat_op(DMT_OP_EPOLL_WAIT);
+	int r = kind == 2 ? RI.epoll_pwait2(ep, ev, max, &zero, mask)
+			  : RI.epoll_pwait(ep, ev, max, 0, kind ? mask : 0);
+	int e = errno;
+	int may_wait = kind == 2 ? (ts == 0 || ts->tv_sec || ts->tv_nsec) : ms != 0;
+	if (r == 0 && may_wait) {
+		int blk = turn_block(s);
+		if (kind == 2)
+			r = RI.epoll_pwait2(ep, ev, max, ts, mask);
+		else if (kind == 1)
+			r = RI.epoll_pwait(ep, ev, max, ms, mask);
+		else
+			r = RI.epoll_wait(ep, ev, max, ms);
+		e = errno;
+		turn_unblock(s, blk);
+	} else {
+		turn_put(s);
+	}
+	errno = e;
+	return r;
+}
+
+EXPORT int epoll_wait(int ep, struct epoll_event *ev, int max, int ms)
+{
+	return epoll_common(ep, ev, max, ms, 0, 0, 0);
+}
+EXPORT int epoll_pwait(int ep, struct epoll_event *ev, int max, int ms, const sigset_t *m)
+{
+	return epoll_common(ep, ev, max, ms, 0, m, 1);
+}
+EXPORT int epoll_pwait2(int ep, struct epoll_event *ev, int max, const struct timespec *ts,
+			const sigset_t *m)
+{
+	return epoll_common(ep, ev, max, 0, ts, m, 2);
+}
+
+/* ---------------------------------------------------------------- others */
+
+#define BLOCKING_HOOK(op, realcall, fallback)                                 \
+	do {                                                                  \
+		dmt_thread *s = dmt_enter();                                  \
+		if (!s)                                                       \
+			return fallback;                                      \
+		return DMT_BLOCKING(s, op, realcall);                         \
+	} while (0)
+
+EXPORT pid_t waitpid(pid_t p, int *st, int o)
+{
+	if (o & WNOHANG)
+		return REAL(waitpid)(p, st, o);
+	BLOCKING_HOOK(DMT_OP_PROC_WAIT, RI.waitpid(p, st, o), REAL(waitpid)(p, st, o));
+}
+EXPORT pid_t wait(int *st)
+{
+	BLOCKING_HOOK(DMT_OP_PROC_WAIT, RI.wait(st), REAL(wait)(st));
+}
+EXPORT pid_t wait3(int *st, int o, struct rusage *ru)
+{
+	if (o & WNOHANG)
+		return REAL(wait3)(st, o, ru);
+	BLOCKING_HOOK(DMT_OP_PROC_WAIT, RI.wait3(st, o, ru), REAL(wait3)(st, o, ru));
+}
+EXPORT pid_t wait4(pid_t p, int *st, int o, struct rusage *ru)
+{
+	if (o & WNOHANG)
+		return REAL(wait4)(p, st, o, ru);
+	BLOCKING_HOOK(DMT_OP_PROC_WAIT, RI.wait4(p, st, o, ru), REAL(wait4)(p, st, o, ru));
+}
+EXPORT int waitid(idtype_t t, id_t id, siginfo_t *si, int o)
+{
+	if (o & WNOHANG)
+		return REAL(waitid)(t, id, si, o);
+	BLOCKING_HOOK(DMT_OP_PROC_WAIT, RI.waitid(t, id, si, o), REAL(waitid)(t, id, si, o));
+}
+EXPORT int pause(void)
+{
+	BLOCKING_HOOK(DMT_OP_SIGNAL_WAIT, RI.pause(), REAL(pause)());
+}
+EXPORT int sigsuspend(const sigset_t *m)
+{
+	BLOCKING_HOOK(DMT_OP_SIGNAL_WAIT, RI.sigsuspend(m), REAL(sigsuspend)(m));
+}
+EXPORT int sigwait(const sigset_t *m, int *sig)
+{
+	BLOCKING_HOOK(DMT_OP_SIGNAL_WAIT, RI.sigwait(m, sig), REAL(sigwait)(m, sig));
+}
+EXPORT int sigwaitinfo(const sigset_t *m, siginfo_t *si)
+{
+	BLOCKING_HOOK(DMT_OP_SIGNAL_WAIT, RI.sigwaitinfo(m, si), REAL(sigwaitinfo)(m, si));
+}
+EXPORT int sigtimedwait(const sigset_t *m, siginfo_t *si, const struct timespec *ts)
+{
+	BLOCKING_HOOK(DMT_OP_SIGNAL_WAIT, RI.sigtimedwait(m, si, ts),
+		      REAL(sigtimedwait)(m, si, ts));
+}
+EXPORT int flock(int fd, int op)
+{
+	if (op & LOCK_NB)
+		return REAL(flock)(fd, op);
+	BLOCKING_HOOK(DMT_OP_FILE_LOCK, RI.flock(fd, op), REAL(flock)(fd, op));
+}
+EXPORT int lockf(int fd, int cmd, off_t len)
+{
+	if (cmd != F_LOCK)
+		return REAL(lockf)(fd, cmd, len);
+	BLOCKING_HOOK(DMT_OP_FILE_LOCK, RI.lockf(fd, cmd, len), REAL(lockf)(fd, cmd, len));
+}
+
+static int sem_nowait(struct sembuf *ops, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (!(ops[i].sem_flg & IPC_NOWAIT))
+			return 0;
+	return 1;
+}
+
+EXPORT int semop(int id, struct sembuf *ops, size_t n)
+{
+	if (sem_nowait(ops, n))
+		return REAL(semop)(id, ops, n);
+	BLOCKING_HOOK(DMT_OP_OTHER_BLOCKING, RI.semop(id, ops, n), REAL(semop)(id, ops, n));
+}
+EXPORT int semtimedop(int id, struct sembuf *ops, size_t n, const struct timespec *ts)
+{
+	if (sem_nowait(ops, n))
+		return REAL(semtimedop)(id, ops, n, ts);
+	BLOCKING_HOOK(DMT_OP_OTHER_BLOCKING, RI.semtimedop(id, ops, n, ts),
+		      REAL(semtimedop)(id, ops, n, ts));
+}
+EXPORT ssize_t msgrcv(int id, void *p, size_t n, long t, int fl)
+{
+	if (fl & IPC_NOWAIT)
+		return REAL(msgrcv)(id, p, n, t, fl);
+	BLOCKING_HOOK(DMT_OP_OTHER_BLOCKING, RI.msgrcv(id, p, n, t, fl),
+		      REAL(msgrcv)(id, p, n, t, fl));
+}
+EXPORT int msgsnd(int id, const void *p, size_t n, int fl)
+{
+	if (fl & IPC_NOWAIT)
+		return REAL(msgsnd)(id, p, n, fl);
+	BLOCKING_HOOK(DMT_OP_OTHER_BLOCKING, RI.msgsnd(id, p, n, fl), REAL(msgsnd)(id, p, n, fl));
+}
+
+/* ---------------------------------------------------------------- fork */
+
+EXPORT pid_t fork(void)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return R.fork ? R.fork() : ((pid_t(*)(void))dlsym(RTLD_NEXT, "fork"))();
+	turn_get(s);
+	stat_op(DMT_OP_FORK);
+	stat_add(&G.slot->forks, 1);
+	pid_t p = R.fork(); /* the child is rebuilt by the atfork handler */
+	int e = errno;
+	turn_put(s);
+	errno = e;
+	return p;
+}
+
+/* ---------------------------------------------------------------- syscall */
+
+static int blocking_syscall(long n, long a2, long a3, long a4, int *op)
+{
+	*op = DMT_OP_OTHER_BLOCKING;
+	switch (n) {
+	case SYS_futex:
+		switch (a2 & FUTEX_CMD_MASK) {
+		case FUTEX_WAIT:
+		case FUTEX_WAIT_BITSET:
+		case FUTEX_LOCK_PI:
+		case FUTEX_WAIT_REQUEUE_PI:
+#ifdef FUTEX_LOCK_PI2
+		case FUTEX_LOCK_PI2:
+#endif
+			*op = DMT_OP_FUTEX;
+			return 1;
+		}
+		return 0;
+#ifdef SYS_futex_waitv
+	case SYS_futex_waitv:
+		*op = DMT_OP_FUTEX;
+		return 1;
+#endif
+	case SYS_io_getevents:
+		return a2 > 0;
+#ifdef SYS_io_pgetevents
+	case SYS_io_pgetevents:
+		return a2 > 0;
+#endif
+#ifdef SYS_io_uring_enter
+	case SYS_io_uring_enter:
+		return (a4 & 1 /* IORING_ENTER_GETEVENTS */) && a3 > 0;
+#endif
+	case SYS_epoll_wait:
+	case SYS_epoll_pwait:
+	case SYS_poll:
+	case SYS_ppoll:
+	case SYS_select:
+	case SYS_pselect6:
+	case SYS_nanosleep:
+	case SYS_clock_nanosleep:
+	case SYS_wait4:
+	case SYS_waitid:
+	case SYS_pause:
+	case SYS_rt_sigsuspend:
+	case SYS_rt_sigtimedwait:
+	case SYS_accept:
+	case SYS_accept4:
+	case SYS_connect:
+	case SYS_recvfrom:
+	case SYS_recvmsg:
+	case SYS_read:
+	case SYS_readv:
+	case SYS_msgrcv:
+	case SYS_semop:
+	case SYS_semtimedop:
+	case SYS_flock:
+		return 1;
+	}
+	return 0;
+}
+
+EXPORT long syscall(long n, ...)
+{
+	va_list ap;
+	va_start(ap, n);
+	long a1 = va_arg(ap, long), a2 = va_arg(ap, long), a3 = va_arg(ap, long);
+	long a4 = va_arg(ap, long), a5 = va_arg(ap, long), a6 = va_arg(ap, long);
+	va_end(ap);
+	long (*real)(long, ...) = R.syscall ? R.syscall : (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
+	int op;
+	if (!blocking_syscall(n, a2, a3, a4, &op))
+		return real(n, a1, a2, a3, a4, a5, a6);
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return real(n, a1, a2, a3, a4, a5, a6);
+	return DMT_BLOCKING(s, op, real(n, a1, a2, a3, a4, a5, a6));
+}
