@@ -134,6 +134,9 @@ func TestProxyOnlyInNamespaces(t *testing.T) {
 		t.Fatal("no leader")
 	}
 	backup := (leader + 1) % 3
+	if got := fetchBodies(t, d, backup); got != origBodies(t, cfg) {
+		t.Fatalf("bodies through proxy_only differ from orig's:\n%.300s\n---\n%.300s", got, origBodies(t, cfg))
+	}
 	m := runAB(t, d, backup, "-n", "300", "-c", "8", "http://{{.Addr}}/index.html")
 	if m.Failed != 0 || m.Complete != 300 {
 		t.Fatalf("through backup r%d: %d complete, %d failed", backup+1, m.Complete, m.Failed)
@@ -202,6 +205,47 @@ func TestProxyOnlyInNamespaces(t *testing.T) {
 	if counts[0] != counts[1] || counts[0] < 500 {
 		t.Fatalf("survivors' access logs have %v lines (want equal, >= 500)", counts)
 	}
+}
+
+// pages fetched to compare orig with the replicated modes: the static page
+// and a short run of the CPU-bound one.
+var pages = []string{"/index.html", "/cpu.lua?n=1000"}
+
+func fetchBodies(t *testing.T, d *Deployment, replica int) string {
+	t.Helper()
+	var all strings.Builder
+	for _, p := range pages {
+		cmd, err := d.ClientCommand(context.Background(), []string{"curl", "-sf", "-m", "10", "http://{{.Addr}}" + p}, replica)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("GET %s: %v", p, err)
+		}
+		fmt.Fprintf(&all, "%s\n%s\n", p, out)
+	}
+	return all.String()
+}
+
+var origBodyCache string
+
+// origBodies are the pages as Apache alone (mode orig) serves them.
+func origBodies(t *testing.T, cfg *configs.Config) string {
+	t.Helper()
+	if origBodyCache != "" {
+		return origBodyCache
+	}
+	log := logrus.New()
+	log.SetLevel(logrus.WarnLevel)
+	d, err := Deploy(context.Background(), DeployOptions{Config: cfg, Mode: configs.ModeOrig, CPUQuota: 0,
+		Bin: lockstepBin, WorkDir: worldDir(t), Run: "evalorig", Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	origBodyCache = fetchBodies(t, d, 0)
+	return origBodyCache
 }
 
 // TestRunOrigCommand is `lockstep run --mode orig -- COMMAND`: the command
