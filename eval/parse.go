@@ -82,9 +82,25 @@ func ParseAB(out string, percentCSV io.Reader) (Measurement, error) {
 		if err != nil {
 			return m, err
 		}
-		m.P50MS, m.P99MS = p[50], p[99]
+		// ab fills the CSV's top rows from past the end of its samples
+		// when there are fewer than 100 requests: use it only if sane.
+		if monotonic(p) {
+			m.P50MS, m.P99MS = p[50], p[99]
+		}
 	}
 	return m, nil
+}
+
+func monotonic(p map[int]float64) bool {
+	prev := -1.0
+	for i := 0; i <= 100; i++ {
+		v, ok := p[i]
+		if !ok || v < prev {
+			return false
+		}
+		prev = v
+	}
+	return true
 }
 
 func parseABPercentiles(r io.Reader) (map[int]float64, error) {
