@@ -42,6 +42,43 @@ type Config struct {
 	Server  Server  `toml:"server"`
 	Output  Output  `toml:"output"`
 	Client  Client  `toml:"client"`
+	// Checkpoint configures checkpoints and recovery.
+	Checkpoint Checkpoint `toml:"checkpoint"`
+}
+
+// Checkpoint configures CRIU checkpoints of each replica's server and the
+// recovery of replicas from them (proxy/ckpt.go).
+type Checkpoint struct {
+	// Enabled turns checkpoints on.
+	Enabled bool `toml:"enabled"`
+	// EveryEntries: one backup checkpoints every this many log entries
+	// (0: only on demand, `lockstep checkpoint`).
+	EveryEntries uint64 `toml:"every_entries"`
+	// Keep is how many checkpoints each replica keeps (default 2).
+	Keep int `toml:"keep"`
+	// Container runs the server in an LXC container (required for
+	// checkpoints; default true when enabled).
+	Container *bool `toml:"container"`
+	// AutoRebuild rebuilds a replica whose output diverges from the
+	// majority from a peer's checkpoint.
+	AutoRebuild bool `toml:"auto_rebuild"`
+	// KeepEntries are kept in the log below a compaction (default 4096),
+	// so that a replica slightly behind catches up from the log.
+	KeepEntries uint64 `toml:"keep_entries"`
+	// DataSize bounds the container's data tmpfs (default "1g").
+	DataSize string `toml:"data_size"`
+	// DataDir is the data directory's path inside the container (default
+	// /run/lockstep-data/<name>); it is the same on every replica so that
+	// an image restores anywhere.
+	DataDir string `toml:"data_dir"`
+}
+
+// UseContainer says whether servers run in LXC containers.
+func (c Checkpoint) UseContainer() bool {
+	if c.Container != nil {
+		return *c.Container
+	}
+	return c.Enabled
 }
 
 // Cluster describes the replicas.
@@ -69,6 +106,9 @@ type Replica struct {
 	Listen string `toml:"listen"`
 	// Admin serves metrics and status; localhost unless set otherwise.
 	Admin string `toml:"admin"`
+	// Join: not an initial member; it joins a running cluster
+	// (`lockstep replica --join`, then `lockstep join`).
+	Join bool `toml:"join"`
 }
 
 // Log tunes the replicated log.
@@ -132,6 +172,9 @@ type Client struct {
 	Command []string `toml:"command"`
 	// Parser names how to read its output: "ab" or "sysbench".
 	Parser string `toml:"parser"`
+	// Prepare runs once before the benchmark (e.g. sysbench prepare);
+	// {{.Addr}}, {{.Host}} and {{.Port}} expand as in Command.
+	Prepare []string `toml:"prepare"`
 }
 
 // Error is a validation error naming the field and, where known, the line.
@@ -220,12 +263,26 @@ func (c *Config) setDefaults() {
 	if c.Server.Health.TimeoutMS == 0 {
 		c.Server.Health.TimeoutMS = 10000
 	}
+	if c.Checkpoint.Keep == 0 {
+		c.Checkpoint.Keep = 2
+	}
+	if c.Checkpoint.KeepEntries == 0 {
+		c.Checkpoint.KeepEntries = 4096
+	}
+	if c.Checkpoint.DataSize == "" {
+		c.Checkpoint.DataSize = "1g"
+	}
+	if c.Checkpoint.DataDir == "" {
+		c.Checkpoint.DataDir = "/run/lockstep-data/" + c.Name
+	}
 	for i := range c.Cluster.Replicas {
 		if c.Cluster.Replicas[i].Admin == "" {
 			c.Cluster.Replicas[i].Admin = "127.0.0.1:0"
 		}
 	}
 }
+
+var sizeRe = regexp.MustCompile(`^[0-9]+[kmgKMG]?$`)
 
 var nameRe = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,15}$`)
 
@@ -284,6 +341,21 @@ func (c *Config) validate() error {
 			return bad("output.mask.pattern", "%v", err)
 		}
 		c.Output.Mask[i].Re = re
+	}
+	if c.Checkpoint.Keep < 1 {
+		return bad("checkpoint.keep", "must be at least 1, got %d", c.Checkpoint.Keep)
+	}
+	if c.Checkpoint.Enabled && !c.Checkpoint.UseContainer() {
+		return bad("checkpoint.container", "checkpoints need the server in a container")
+	}
+	if c.Checkpoint.EveryEntries != 0 && c.Checkpoint.EveryEntries < 10 {
+		return bad("checkpoint.every_entries", "must be 0 (on demand) or at least 10, got %d", c.Checkpoint.EveryEntries)
+	}
+	if !filepath.IsAbs(c.Checkpoint.DataDir) || filepath.Clean(c.Checkpoint.DataDir) == "/" {
+		return bad("checkpoint.data_dir", "%q must be an absolute path below /", c.Checkpoint.DataDir)
+	}
+	if !sizeRe.MatchString(c.Checkpoint.DataSize) {
+		return bad("checkpoint.data_size", "%q is not a tmpfs size such as 512m or 2g", c.Checkpoint.DataSize)
 	}
 	switch c.Client.Parser {
 	case "", "ab", "sysbench", "exit":
