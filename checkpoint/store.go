@@ -296,7 +296,11 @@ func (s *Store) Get(id string) (Checkpoint, error) {
 // Prune keeps the keep newest checkpoints and removes the others (and any
 // leftover .tmp-* directory older than an hour). It returns what it
 // removed.
-func (s *Store) Prune(keep int) ([]Checkpoint, error) {
+func (s *Store) Prune(keep int) ([]Checkpoint, error) { return s.PruneExcept(keep) }
+
+// PruneExcept is Prune that also keeps the checkpoints named by except
+// (e.g. the one the log was compacted at, even when newer ones exist).
+func (s *Store) PruneExcept(keep int, except ...string) ([]Checkpoint, error) {
 	if keep < 0 {
 		return nil, fmt.Errorf("checkpoint: cannot keep %d checkpoints", keep)
 	}
@@ -309,6 +313,9 @@ func (s *Store) Prune(keep int) ([]Checkpoint, error) {
 	if len(l) > keep {
 		s.mu.Lock()
 		for _, c := range l[:len(l)-keep] {
+			if slices.Contains(except, c.ID) {
+				continue
+			}
 			// Rename first, so that a half-removed checkpoint is never
 			// listed or served.
 			gone := filepath.Join(s.root, ".tmp-gone-"+filepath.Base(c.Dir))

@@ -54,3 +54,6 @@ func (*LXC) Running() bool                { return false }
 func (*LXC) Stop(time.Duration) error     { return ErrNoLXC }
 func (*LXC) WaitGone(time.Duration) error { return ErrNoLXC }
 func (*LXC) Destroy() error               { return ErrNoLXC }
+
+// StopLXCByName fails without cgo.
+func StopLXCByName(string, string) error { return ErrNoLXC }
