@@ -52,6 +52,13 @@ type Options struct {
 	Trace string
 	// Debug makes the runtime log to the server's stderr.
 	Debug bool
+	// Joint turns on joint_sched: the server's input is gated by the input
+	// channel in Shm (see chan.go), which the replica's feeder fills from
+	// the log. Shm must be set and made by CreateChan first.
+	Joint bool
+	// Quantum is how many turns the runtime may run before it must admit
+	// the next entry of the channel (joint_sched); 0: 2000.
+	Quantum uint64
 }
 
 // Env returns the environment entries (KEY=value) that run a server under
@@ -97,6 +104,12 @@ func Env(opts Options) ([]string, error) {
 	}
 	if opts.Debug {
 		env = append(env, EnvDebug+"=1")
+	}
+	if opts.Joint {
+		env = append(env, EnvJoint+"=1")
+	}
+	if opts.Quantum != 0 {
+		env = append(env, EnvQuantum+"="+strconv.FormatUint(opts.Quantum, 10))
 	}
 	return env, nil
 }

@@ -15,7 +15,7 @@
 //     read the counters that every process of the server publishes in a
 //     shared-memory file (layout: runtime/shm.h, mirrored in shm.go).
 //   - runtime/shm.h also fixes the layout of the input channel that
-//     joint_sched will feed (see "Input channel").
+//     joint_sched feeds (chan.go; see "joint_sched").
 //
 // # Model
 //
@@ -97,13 +97,13 @@
 // thread asleep in the kernel outside any operation, it is taken out of the
 // runq as if it had blocked through the runtime and re-enters at its next
 // operation. That keeps the process live at the cost of determinism, and is
-// counted (Counters.Steals); biases it held become shared. Time calls
-// return real time (the runtime only remembers the last reading for
-// timeouts). In xtern_only, when a blocked thread comes back is up to the
-// kernel: that is the input, which the log makes deterministic in
-// joint_sched.
+// counted (Counters.Steals); biases it held become shared. In xtern_only,
+// time calls return real time (the runtime only remembers the last
+// reading for timeouts; joint_sched makes them deterministic), and when
+// a blocked thread comes back is up to the kernel: that is the input,
+// which the log makes deterministic in joint_sched.
 //
-// # Knobs (environment of the server; Options sets all but the last two)
+// # Knobs (environment of the server; Options sets all but STEAL_MS and DISABLE)
 //
 //	LOCKSTEP_DMT_SHM           statistics and input channel file
 //	LOCKSTEP_DMT_NS_PER_TURN   logical nanoseconds per turn (1000)
@@ -114,20 +114,80 @@
 //	LOCKSTEP_DMT_DEBUG=1       log to stderr
 //	LOCKSTEP_DMT_STEAL_MS      safety net delay, 0 to disable (50)
 //	LOCKSTEP_DMT_DISABLE=1     preloaded but pass-through
+//	LOCKSTEP_DMT_JOINT=1       joint_sched: input gated by the channel
+//	LOCKSTEP_DMT_QUANTUM       turns between forced admissions (2000)
 //
-// # Input channel (joint_sched, next step)
+// # joint_sched: input from the log (LOCKSTEP_DMT_JOINT=1, Options.Joint)
 //
 // The shared-memory file holds, after the statistics slots, a
-// single-producer ring (struct dmt_chan in runtime/shm.h) of events
-// {seq, logical time, kind CONNECT/DATA/CLOSE/BUBBLE, conn, len}. The
-// feeder writes entries and publishes its head with a release store; the
-// runtime reads up to head and publishes its tail. Neither side makes a
-// system call while the ring is neither empty nor full: a side that must
-// wait sets its sleep word and futex-waits, and the other side wakes it only
-// when it sees that word set. A full ring makes the feeder wait
-// (backpressure); nothing is dropped and nothing exits. The runtime's hooks
-// for it are the non-blocking attempt of each socket call under the turn
-// (which will only see what the log has delivered by the current logical
-// time), turn_unblock (where a returning thread's re-entry time will be the
-// one the log gives), and the idle clock jump, which BUBBLE(ticks) replaces.
+// single-producer ring (struct dmt_chan in runtime/shm.h; the producer is
+// Chan in chan.go) of entries {log index, leader's time, kind
+// CONNECT/DATA/CLOSE/BUBBLE, conn, len}. The replica's feeder
+// (proxy.DMTFeeder) writes one entry per event it feeds, in log order,
+// and publishes its head with a release store; the runtime reads and
+// publishes its tail. Neither side makes a system call while the ring is
+// neither empty nor full: a side that must wait sets its sleep word and
+// futex-waits (shared futexes), and the other side wakes it only when it
+// sees that word set. A full ring makes the feeder wait (backpressure);
+// nothing is dropped and nothing exits.
+//
+// The consumer is one process: the first that accepts, polls or
+// epoll-waits on an inet listening socket claims the ring (Apache's
+// child, not its parent); it starts an internal ingest thread. From then
+// on the schedule admits input only at fixed points of its order: an
+// entry is admitted while no thread holds the turn, when no thread can
+// run (every thread waits for input, a timeout or the kernel), or when
+// the clock reaches the horizon (the clock at the last admission plus
+// LOCKSTEP_DMT_QUANTUM turns, default 2000). At such a point the
+// schedule stands still (no head) until the ingest thread has the next
+// entry; then it applies it and the schedule goes on. Which input a
+// thread sees, and at which logical time, is therefore a function of the
+// log.
+//
+//   - CONNECT(conn, port): the feeder's connection with that source port
+//     is the next one accept returns; accept takes connections from the
+//     kernel holding the turn and sets aside those whose entry has not
+//     been admitted yet (the port, seen as the peer's, maps the kernel's
+//     socket to the log's connection).
+//   - DATA(conn, n): n more bytes are readable. A receive returns exactly
+//     min(asked, admitted and unread) bytes, waiting in the kernel holding
+//     the turn if the bytes are still on their way; with none admitted it
+//     waits in the waitq (or fails with EAGAIN when non-blocking).
+//   - CLOSE(conn): the client's input ended; a receive of nothing left
+//     returns 0 once the FIN arrives.
+//   - BUBBLE(ticks): if nobody can run, the clock jumps ticks turns (timed
+//     waits expire: the idle jump of xtern_only, now decided by the log);
+//     otherwise the horizon moves ticks turns on.
+//
+// poll, ppoll and epoll_wait answer from the admitted input for the log's
+// connections and the listeners (writable always), poll other descriptors
+// without waiting, and wait in the waitq, woken by every admission (and
+// by writes to non-blocking pipes and eventfds of the process, Apache's
+// wakeup pipe) or by their logical timeout. epoll interest sets are
+// tracked through epoll_ctl. Sends on the log's connections complete
+// holding the turn (the feeder always reads the server's output).
+//
+// Time: in the consuming process time(), gettimeofday() and clock_gettime()
+// (realtime, monotonic, boottime, coarse) return the leader's wall clock
+// stamped in the last bubble admitted plus NsPerTurn per turn since, never
+// going backwards: the same on every replica. Before the first stamp the
+// base is 0.
+//
+// When the ingest thread finds the ring empty it counts a starvation
+// (dmt_chan.starve, a futex the Go side waits on): the leader then
+// proposes a bubble (proxy/bubble.go); backups only wait.
+//
+// Limits of joint_sched: one consuming process (a server that accepts in
+// several processes is gated in the first only); select() is not gated
+// (it is used for sleeps); descriptors other than the log's connections
+// and listeners (pipes from other processes, files, unix sockets) keep
+// their real timing; threads blocked in the kernel on other calls come
+// back at the kernel's time (as in xtern_only; the safety net too); a
+// connection's reset may overtake its last admitted bytes; EPOLLET is
+// answered level-triggered. MariaDB runs (sysbench completes and every
+// replica's tables checksum alike), but its InnoDB threads wait for I/O in
+// the kernel, so its schedules drift apart and its output digests diverge.
+// Input is admitted one entry per admission
+// point, so a request whose bytes arrive while the server computes waits
+// up to a quantum.
 package dmt

@@ -61,6 +61,16 @@ int main(void) {
 	P("h_ns_per_turn", offsetof(struct dmt_shm_header, ns_per_turn));
 	P("h_chan_off", offsetof(struct dmt_shm_header, chan_off));
 	P("chan_off", DMT_CHAN_OFF); P("shm_size", DMT_SHM_SIZE);
+	P("c_head", offsetof(struct dmt_chan, head)); P("c_tail", offsetof(struct dmt_chan, tail));
+	P("c_prod_sleep", offsetof(struct dmt_chan, prod_sleep)); P("c_cons_sleep", offsetof(struct dmt_chan, cons_sleep));
+	P("c_cap", offsetof(struct dmt_chan, cap)); P("c_ent_size", offsetof(struct dmt_chan, ent_size));
+	P("c_consumer", offsetof(struct dmt_chan, consumer)); P("c_starve", offsetof(struct dmt_chan, starve));
+	P("c_starving", offsetof(struct dmt_chan, starving)); P("c_clock", offsetof(struct dmt_chan, clock));
+	P("c_admitted", offsetof(struct dmt_chan, admitted)); P("c_ent", offsetof(struct dmt_chan, ent));
+	P("sizeof_ent", sizeof(struct dmt_chan_ent)); P("chan_cap", DMT_CHAN_CAP);
+	P("e_ltime", offsetof(struct dmt_chan_ent, ltime)); P("e_kind", offsetof(struct dmt_chan_ent, kind));
+	P("e_conn", offsetof(struct dmt_chan_ent, conn)); P("e_len", offsetof(struct dmt_chan_ent, len));
+	P("ev_connect", DMT_EV_CONNECT); P("ev_data", DMT_EV_DATA); P("ev_close", DMT_EV_CLOSE); P("ev_bubble", DMT_EV_BUBBLE);
 	return 0;
 }`
 	if err := os.WriteFile(filepath.Join(dir, "layout.c"), []byte(prog), 0o644); err != nil {
@@ -87,6 +97,12 @@ int main(void) {
 		"threads": slotThreads, "live_threads": slotLiveThreads, "blocked": slotBlocked,
 		"timeouts": slotTimeouts, "idle_advances": slotIdleAdvances, "forks": slotForks,
 		"steals": slotSteals, "ops": slotOps, "h_ns_per_turn": 40, "h_chan_off": 24,
+		"chan_off": chanOff, "shm_size": ShmSize,
+		"c_head": chHead, "c_tail": chTail, "c_prod_sleep": chProdSleep, "c_cons_sleep": chConsSleep,
+		"c_cap": chCap, "c_ent_size": chEntSizeOff, "c_consumer": chConsumer, "c_starve": chStarve,
+		"c_starving": chStarving, "c_clock": chClock, "c_admitted": chAdmitted, "c_ent": chanHdrSize,
+		"sizeof_ent": chanEntSize, "chan_cap": chanCap, "e_ltime": 8, "e_kind": 16, "e_conn": 20, "e_len": 24,
+		"ev_connect": EvConnect, "ev_data": EvData, "ev_close": EvClose, "ev_bubble": EvBubble,
 	}
 	for k, v := range want {
 		if c[k] != v {

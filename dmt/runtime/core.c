@@ -6,6 +6,7 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,6 +64,17 @@ static long futex_wait(_Atomic uint32_t *w, uint32_t val, const struct timespec 
 static void futex_wake(_Atomic uint32_t *w, int n)
 {
 	raw_syscall6(SYS_futex, (long)w, FUTEX_WAKE_PRIVATE, n, 0, 0, 0);
+}
+
+/* shared futexes: the channel's words, waited on by another process */
+static long futex_wait_shared(void *w, uint32_t val, const struct timespec *rel)
+{
+	return raw_syscall6(SYS_futex, (long)w, FUTEX_WAIT, val, (long)rel, 0, 0);
+}
+
+static void futex_wake_shared(void *w, int n)
+{
+	raw_syscall6(SYS_futex, (long)w, FUTEX_WAKE, n, 0, 0, 0);
 }
 
 static inline void cpu_relax(void)
@@ -150,6 +162,13 @@ static struct {
 	uint64_t next_deadline;
 	uint32_t next_id;
 	dmt_thread *all;
+	/* joint_sched: the schedule stands still (no head) until the ingest
+	 * thread admits the next entry of the channel; it must at clock
+	 * horizon, and when nobody can run */
+	_Atomic uint32_t need_input;
+	uint64_t horizon;
+	/* deterministic time: wall_base (from the log) at clock wall_clock */
+	uint64_t wall_base, wall_clock;
 } S;
 
 static void trace(int ev, dmt_thread *t)
@@ -256,6 +275,14 @@ static void rq_add(dmt_thread *t)
 	rq_insert(t);
 	S.rq_len++;
 	atomic_store(&t->state, T_RUN);
+	/* joint_sched: a thread back from the kernel while the schedule waits
+	 * on an empty channel makes a bubble useful (see ingest) */
+	if (unlikely(S.need_input) && G.chan &&
+	    __atomic_load_n(&G.chan->starving, __ATOMIC_RELAXED) == 2) {
+		__atomic_store_n(&G.chan->starving, 1, __ATOMIC_SEQ_CST);
+		__atomic_fetch_add(&G.chan->starve, 1, __ATOMIC_SEQ_CST);
+		futex_wake_shared(&G.chan->starve, INT_MAX);
+	}
 }
 
 static void rq_del(dmt_thread *t)
@@ -379,6 +406,16 @@ static dmt_thread *pick_head_locked(void)
 			reap_locked(t);
 			expire_locked();
 			continue;
+		}
+		if (atomic_load_explicit(&G.joint_on, memory_order_relaxed)) {
+			if (!S.need_input && (!t || S.clock >= S.horizon)) {
+				atomic_store(&S.need_input, 1);
+				futex_wake((_Atomic uint32_t *)&S.need_input, 1);
+			}
+			if (S.need_input) {
+				atomic_store_explicit(&S.head, (dmt_thread *)0, memory_order_release);
+				return 0;
+			}
 		}
 		atomic_store_explicit(&S.head, t, memory_order_release);
 		if (!t) {
@@ -592,7 +629,8 @@ static void wait_head(dmt_thread *s)
 			ts.tv_nsec = 200000;
 			tp = &ts;
 			why = 1;
-		} else if (!h && atomic_load(&s->state) == T_WAIT && s->deadline) {
+		} else if (!h && atomic_load(&s->state) == T_WAIT && s->deadline &&
+			   !atomic_load(&G.joint_on)) {
 			uint64_t rel = s->deadline > c ? (s->deadline - c) * G.ns_per_turn : 0;
 			if (rel == 0) {
 				idle_advance();
@@ -1063,6 +1101,7 @@ static void map_shm(const char *path)
 		ch->ent_size = sizeof(struct dmt_chan_ent);
 		ch->cap = DMT_CHAN_CAP;
 	}
+	G.chan = ch;
 	__atomic_store_n(&shm_hdr->magic, DMT_SHM_MAGIC, __ATOMIC_RELEASE);
 }
 
@@ -1096,6 +1135,10 @@ static void atfork_child(void)
 	S.wq_first = S.wq_last = 0;
 	S.wq_len = 0;
 	S.next_deadline = UINT64_MAX;
+	/* the channel stays with the parent (a child may claim it if the
+	 * parent never did) */
+	atomic_store(&G.joint_on, 0);
+	atomic_store(&S.need_input, 0);
 	/* other threads' descriptors are unreachable now: keep only s */
 	for (dmt_thread *t = S.all; t; t = t->all_next)
 		if (t != s)
@@ -1226,6 +1269,10 @@ void dmt_init(void)
 	G.debug = (int)env_u64("LOCKSTEP_DMT_DEBUG", 0);
 	G.steal_ns = env_u64("LOCKSTEP_DMT_STEAL_MS", 50) * 1000000ull;
 	G.input_weight = env_u64("LOCKSTEP_DMT_INPUT_WEIGHT", 1000);
+	G.joint_env = (int)env_u64("LOCKSTEP_DMT_JOINT", 0);
+	G.quantum = env_u64("LOCKSTEP_DMT_QUANTUM", 2000);
+	if (G.quantum == 0)
+		G.quantum = 1;
 	if (G.input_weight == 0)
 		G.input_weight = 1;
 	G.slot = &private_slot;
@@ -1278,6 +1325,14 @@ EXPORT int clock_gettime(clockid_t clk, struct timespec *ts)
 {
 	if (unlikely(!R.clock_gettime))
 		R.clock_gettime = sym("clock_gettime");
+	if (atomic_load_explicit(&G.joint_on, memory_order_relaxed) &&
+	    (clk == CLOCK_REALTIME || clk == CLOCK_MONOTONIC || clk == CLOCK_REALTIME_COARSE ||
+	     clk == CLOCK_MONOTONIC_COARSE || clk == CLOCK_BOOTTIME)) {
+		int mono = clk != CLOCK_REALTIME && clk != CLOCK_REALTIME_COARSE;
+		dmt_joint_time(ts, mono);
+		tls_now[mono ? CLOCK_MONOTONIC : CLOCK_REALTIME] = *ts;
+		return 0;
+	}
 	int r = R.clock_gettime(clk, ts);
 	if (r == 0 && (clk == CLOCK_REALTIME || clk == CLOCK_MONOTONIC))
 		tls_now[clk] = *ts;
@@ -1288,6 +1343,14 @@ EXPORT int gettimeofday(struct timeval *tv, void *tz)
 {
 	if (unlikely(!R.gettimeofday))
 		R.gettimeofday = sym("gettimeofday");
+	if (atomic_load_explicit(&G.joint_on, memory_order_relaxed) && tv) {
+		struct timespec ts;
+		dmt_joint_time(&ts, 0);
+		tls_now[CLOCK_REALTIME] = ts;
+		tv->tv_sec = ts.tv_sec;
+		tv->tv_usec = ts.tv_nsec / 1000;
+		return 0;
+	}
 	int r = R.gettimeofday(tv, tz);
 	if (r == 0 && tv) {
 		tls_now[CLOCK_REALTIME].tv_sec = tv->tv_sec;
@@ -1300,8 +1363,166 @@ EXPORT time_t time(time_t *tp)
 {
 	if (unlikely(!R.time))
 		R.time = sym("time");
+	if (atomic_load_explicit(&G.joint_on, memory_order_relaxed)) {
+		struct timespec ts;
+		dmt_joint_time(&ts, 0);
+		tls_now[CLOCK_REALTIME] = ts;
+		if (tp)
+			*tp = ts.tv_sec;
+		return ts.tv_sec;
+	}
 	time_t t = R.time(tp);
 	tls_now[CLOCK_REALTIME].tv_sec = t;
 	tls_now[CLOCK_REALTIME].tv_nsec = 0;
 	return t;
+}
+
+/* ---------------------------------------------------------------- joint_sched */
+
+int dmt_signal_locked(const void *obj, int all) { return signal_locked(obj, all); }
+
+/*
+ * Deterministic time: the wall clock the log last stamped (the leader's,
+ * carried by the channel's entries) plus the turns since, never going
+ * backwards. Monotonic clocks count the same way. Before any stamp the
+ * base is 0 (1970) plus turns: identical everywhere, if odd.
+ */
+void dmt_joint_time(struct timespec *ts, int mono)
+{
+	(void)mono;
+	uint64_t c = __atomic_load_n(&S.clock, __ATOMIC_RELAXED);
+	uint64_t base = __atomic_load_n(&S.wall_base, __ATOMIC_ACQUIRE);
+	uint64_t bc = __atomic_load_n(&S.wall_clock, __ATOMIC_RELAXED);
+	uint64_t ns = base + (c > bc ? c - bc : 0) * G.ns_per_turn;
+	ts->tv_sec = (time_t)(ns / 1000000000ull);
+	ts->tv_nsec = (long)(ns % 1000000000ull);
+}
+
+HIDDEN extern int dmt_ext_waiters; /* io.c */
+
+/* Admit one entry: input (io.c) or a bubble. Under the lock, with no head. */
+static void admit_locked(const struct dmt_chan_ent *e)
+{
+	atomic_store(&S.need_input, 0);
+	int idle = S.rq_first == 0;
+	if (e->ltime) {
+		/* time from the log: never backwards */
+		uint64_t now = S.wall_base + (S.clock - S.wall_clock) * G.ns_per_turn;
+		__atomic_store_n(&S.wall_base, e->ltime > now ? e->ltime : now, __ATOMIC_RELEASE);
+		S.wall_clock = S.clock;
+	}
+	if (e->kind == DMT_EV_BUBBLE) {
+		if (idle) {
+			/* nobody can run: the clock jumps, timed waits expire */
+			S.clock += e->len;
+			G.slot->clock = S.clock;
+			stat_add(&G.slot->idle_advances, 1);
+			expire_locked();
+			S.horizon = S.clock + G.quantum;
+		} else {
+			S.horizon = S.clock + (e->len ? e->len : 1);
+		}
+		/* pollers of descriptors outside the log look again */
+		dmt_joint_admit_locked(e);
+	} else {
+		dmt_joint_admit_locked(e);
+		S.horizon = S.clock + G.quantum;
+	}
+}
+
+/* The ingest thread of the consuming process: outside the scheduler, it
+ * waits until the schedule needs input, then for the channel's next entry,
+ * and admits it. */
+static void *ingest(void *arg)
+{
+	pid_t me = (pid_t)(intptr_t)arg;
+	struct dmt_chan *ch = G.chan;
+	uint32_t mask = ch->cap - 1;
+	sigset_t all;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, 0);
+	while (me == G_pid) {
+		if (!atomic_load(&S.need_input)) {
+			futex_wait((_Atomic uint32_t *)&S.need_input, 0, 0);
+			continue;
+		}
+		uint64_t tail = __atomic_load_n(&ch->tail, __ATOMIC_RELAXED);
+		if (__atomic_load_n(&ch->head, __ATOMIC_ACQUIRE) == tail) {
+			/* starving 1: a bubble would let something run (a thread
+			 * is runnable, or one waits with a timeout); 2: only input
+			 * would (rq_add turns it to 1) */
+			ilock();
+			int useful = S.rq_first != 0 || S.next_deadline != UINT64_MAX ||
+				     dmt_ext_waiters > 0;
+			__atomic_store_n(&ch->clock, S.clock, __ATOMIC_RELAXED);
+			__atomic_store_n(&ch->starving, useful ? 1 : 2, __ATOMIC_SEQ_CST);
+			iunlock();
+			__atomic_fetch_add(&ch->starve, 1, __ATOMIC_SEQ_CST);
+			futex_wake_shared(&ch->starve, INT_MAX);
+			for (;;) {
+				__atomic_store_n(&ch->cons_sleep, 1, __ATOMIC_SEQ_CST);
+				if (__atomic_load_n(&ch->head, __ATOMIC_SEQ_CST) != tail)
+					break;
+				struct timespec ts = {1, 0}; /* re-check now and then */
+				futex_wait_shared(&ch->cons_sleep, 1, &ts);
+			}
+			__atomic_store_n(&ch->cons_sleep, 0, __ATOMIC_SEQ_CST);
+			__atomic_store_n(&ch->starving, 0, __ATOMIC_SEQ_CST);
+		}
+		struct dmt_chan_ent e = ch->ent[tail & mask];
+		ilock();
+		admit_locked(&e);
+		dmt_thread *w = pick_head_locked();
+		iunlock();
+		__atomic_store_n(&ch->tail, tail + 1, __ATOMIC_SEQ_CST);
+		__atomic_store_n(&ch->admitted, tail + 1, __ATOMIC_RELAXED);
+		if (__atomic_load_n(&ch->prod_sleep, __ATOMIC_SEQ_CST)) {
+			__atomic_store_n(&ch->prod_sleep, 0, __ATOMIC_SEQ_CST);
+			futex_wake_shared(&ch->prod_sleep, INT_MAX);
+		}
+		if (w)
+			futex_wake(&w->grant, 1);
+	}
+	return 0;
+}
+
+/*
+ * Become the process that consumes the channel (joint_sched). Called
+ * holding the turn, at a server's first input call: a fixed point of its
+ * order. Returns 1 if this process consumes it.
+ */
+int dmt_joint_claim(void)
+{
+	if (atomic_load_explicit(&G.joint_on, memory_order_relaxed))
+		return 1;
+	if (!G.joint_env || !G.chan)
+		return 0;
+	int32_t cur = __atomic_load_n(&G.chan->consumer, __ATOMIC_ACQUIRE);
+	if (cur == G_pid)
+		goto mine;
+	if (cur != 0 && raw_syscall6(SYS_kill, cur, 0, 0, 0, 0, 0) != -ESRCH)
+		return 0;
+	if (!__atomic_compare_exchange_n(&G.chan->consumer, &cur, G_pid, 0, __ATOMIC_ACQ_REL,
+					 __ATOMIC_RELAXED))
+		return 0;
+mine:
+	ilock();
+	S.horizon = S.clock + G.quantum;
+	atomic_store(&G.joint_on, 1);
+	iunlock();
+	pthread_attr_t a;
+	pthread_attr_init(&a);
+	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+	pthread_attr_setstacksize(&a, 64 << 10);
+	pthread_t t;
+	int r = R.create(&t, &a, ingest, (void *)(intptr_t)G_pid);
+	pthread_attr_destroy(&a);
+	if (r != 0) {
+		dmt_log("cannot start the input thread: joint_sched off");
+		atomic_store(&G.joint_on, 0);
+		return 0;
+	}
+	if (G.debug)
+		dmt_log("consuming the input channel (quantum %llu turns)", (unsigned long long)G.quantum);
+	return 1;
 }

@@ -144,6 +144,11 @@ struct dmt_global {
 	uint64_t steal_ns; /* 0: never take a kernel-blocked head out */
 	uint64_t input_weight; /* key cost of a receive that returned data */
 	struct dmt_slot *slot; /* this process's counters */
+	/* joint_sched (LOCKSTEP_DMT_JOINT=1): input gated by the channel */
+	int joint_env;          /* asked for */
+	_Atomic int joint_on;   /* this process consumes the channel */
+	uint64_t quantum;       /* turns between forced admissions */
+	struct dmt_chan *chan;  /* mapped channel, NULL without a shm file */
 };
 extern struct dmt_global G HIDDEN;
 
@@ -172,6 +177,14 @@ HIDDEN void dmt_thread_release(dmt_thread *t);
 HIDDEN int dmt_thread_add(dmt_thread *t);
 HIDDEN void dmt_thread_abort(dmt_thread *t);
 HIDDEN void dmt_log(const char *fmt, ...);
+/* joint_sched (core.c): claim the channel (holding the turn); signal under
+ * the internal lock; time from the log */
+HIDDEN int dmt_joint_claim(void);
+HIDDEN int dmt_signal_locked(const void *obj, int all);
+HIDDEN void dmt_joint_time(struct timespec *ts, int mono);
+/* io.c: apply one admitted input entry (under the internal lock, while no
+ * thread holds the turn) */
+HIDDEN void dmt_joint_admit_locked(const struct dmt_chan_ent *e);
 
 extern __thread dmt_thread *dmt_self HIDDEN __attribute__((tls_model("initial-exec")));
 extern int dmt_ready HIDDEN;

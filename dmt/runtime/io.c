@@ -17,7 +17,9 @@
 
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <stdlib.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <string.h>
@@ -156,6 +158,14 @@ static int fd_nonblock(int fd)
 
 static inline int would_block(ssize_t r, int e) { return r < 0 && (e == EAGAIN || e == EWOULDBLOCK); }
 
+/* joint_sched (below) */
+struct jconn;
+static struct jconn *jfd(int fd);
+static ssize_t joint_in(dmt_thread *s, struct jconn *c, int k, int fd, void *buf, size_t n,
+			int flags, void *a, void *b);
+static ssize_t joint_out(int k, int fd, const void *buf, size_t n, int flags, const void *a,
+			 socklen_t al, size_t want);
+
 /* ---------------------------------------------------------------- in */
 
 enum { K_READ, K_RECVFROM, K_READV, K_RECVMSG };
@@ -189,6 +199,16 @@ static ssize_t sock_in(dmt_thread *s, int k, int fd, void *buf, size_t n, int fl
 	stat_op(DMT_OP_RECV);
 	ssize_t r;
 	int e;
+	struct jconn *jcn = jfd(fd);
+	if (jcn) {
+		r = joint_in(s, jcn, k, fd, buf, n, flags, a, b);
+		e = errno;
+		if (r > 0 && !(flags & MSG_PEEK))
+			s->weight = G.input_weight;
+		turn_put(s);
+		errno = e;
+		return r;
+	}
 	if (flags & MSG_WAITALL) {
 		r = -1;
 		e = EAGAIN;
@@ -305,6 +325,13 @@ static ssize_t sock_out(dmt_thread *s, int k, int fd, const void *buf, size_t n,
 								((const struct msghdr *)a)->msg_iovlen);
 	turn_get(s);
 	stat_op(DMT_OP_SEND);
+	if (jfd(fd)) {
+		ssize_t jr = joint_out(k, fd, buf, n, flags, a, al, want);
+		int je = errno;
+		turn_put(s);
+		errno = je;
+		return jr;
+	}
 	ssize_t r = out_call(k, fd, buf, n, flags | MSG_DONTWAIT, a, al);
 	int e = errno;
 	int partial = r >= 0 && (size_t)r < want;
@@ -325,6 +352,652 @@ static ssize_t sock_out(dmt_thread *s, int k, int fd, const void *buf, size_t n,
 	}
 	errno = e;
 	return r;
+}
+
+
+/* ---------------------------------------------------------------- joint_sched */
+
+/*
+ * joint_sched (LOCKSTEP_DMT_JOINT=1, in the process that claimed the
+ * channel): the server's input is what the log admitted, at the logical
+ * time it was admitted (core.c admits an entry only while no thread holds
+ * the turn: when nobody can run, or at the quantum horizon). Connections
+ * the feeder opened are matched to the log's connection ids by the
+ * feeder's source port (CONNECT carries it). A receive returns exactly
+ * min(asked, admitted and unread) bytes, waiting for them in the kernel
+ * while holding the turn if the bytes are still on their way; with
+ * nothing admitted it waits in the waitq, woken by the admission.
+ * poll/epoll compute readiness of these connections and of the listeners
+ * from the admitted input; other descriptors are polled without waiting.
+ * Sends on these connections complete holding the turn.
+ */
+struct jconn {
+	uint32_t id;
+	int used, fd, eof, appclosed;
+	uint32_t port;
+	uint64_t avail;
+};
+#define JC_N 4096
+static struct jconn jc[JC_N];
+static int32_t fdconn[FD_TAB]; /* conn id + 1 of a gated descriptor */
+static uint8_t lsn[FD_TAB];    /* 0 unknown, 1 inet listener, 2 not */
+#define PEND_N 1024
+static uint32_t pend[PEND_N]; /* admitted connects not yet accepted */
+static int pend_h, pend_n;
+#define STASH_N 64
+static struct {
+	int fd;
+	uint32_t port;
+	struct sockaddr_storage ss;
+	socklen_t sl;
+} stash[STASH_N]; /* accepted ahead of their admission */
+static int nstash;
+static char acc_obj, poll_obj;
+/* pollers waiting on descriptors outside the log (a unix listener, a pipe
+ * of another process): only a bubble makes them look again, so while there
+ * are any a bubble is useful (core.c, ingest) */
+int dmt_ext_waiters;
+
+static struct jconn *jc_get(uint32_t id)
+{
+	struct jconn *c = &jc[id % JC_N];
+	return c->used && c->id == id ? c : 0;
+}
+
+static struct jconn *jfd(int fd)
+{
+	if (!atomic_load_explicit(&G.joint_on, memory_order_relaxed) || fd < 0 || fd >= FD_TAB)
+		return 0;
+	int32_t v = fdconn[fd];
+	return v ? jc_get((uint32_t)(v - 1)) : 0;
+}
+
+void dmt_joint_admit_locked(const struct dmt_chan_ent *e)
+{
+	struct jconn *c;
+	switch (e->kind) {
+	case DMT_EV_CONNECT:
+		c = &jc[e->conn % JC_N];
+		if (c->used && c->fd >= 0 && c->fd < FD_TAB)
+			fdconn[c->fd] = 0;
+		memset(c, 0, sizeof *c);
+		c->used = 1;
+		c->id = e->conn;
+		c->fd = -1;
+		c->port = e->len;
+		if (pend_n < PEND_N) {
+			pend[(pend_h + pend_n) % PEND_N] = e->conn;
+			pend_n++;
+		}
+		dmt_signal_locked(&acc_obj, 1);
+		break;
+	case DMT_EV_DATA:
+		if ((c = jc_get(e->conn))) {
+			c->avail += e->len;
+			dmt_signal_locked(c, 1);
+		}
+		break;
+	case DMT_EV_CLOSE:
+		if ((c = jc_get(e->conn))) {
+			c->eof = 1;
+			dmt_signal_locked(c, 1);
+			if (c->appclosed)
+				c->used = 0;
+		}
+		break;
+	}
+	dmt_signal_locked(&poll_obj, 1);
+}
+
+static int is_listener(int fd)
+{
+	if (fd < 0 || fd >= FD_TAB)
+		return 0;
+	int v = lsn[fd];
+	if (!v) {
+		int acc = 0, e = errno;
+		socklen_t l = sizeof acc;
+		struct sockaddr_storage ss;
+		socklen_t sl = sizeof ss;
+		v = 2;
+		if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &l) == 0 && acc &&
+		    getsockname(fd, (struct sockaddr *)&ss, &sl) == 0 &&
+		    (ss.ss_family == AF_INET || ss.ss_family == AF_INET6))
+			v = 1;
+		errno = e;
+		lsn[fd] = (uint8_t)v;
+	}
+	return v == 1;
+}
+
+/* Take the turn if this process consumes the channel (claiming it when
+ * listener says the call is on an inet listener). Returns 1 holding it. */
+static int joint_enter(dmt_thread *s, int listener)
+{
+	if (!G.joint_env)
+		return 0;
+	turn_get(s);
+	if (atomic_load(&G.joint_on) || (listener && dmt_joint_claim()))
+		return 1;
+	turn_put(s);
+	return 0;
+}
+
+static int jwait(dmt_thread *s, const void *obj, uint64_t deadline, int *timed)
+{
+	s->interruptible = 1;
+	s->interrupted = 0;
+	int t = turn_wait(s, obj, deadline);
+	s->interruptible = 0;
+	if (timed)
+		*timed = t;
+	if (s->interrupted) {
+		errno = EINTR;
+		return -1;
+	}
+	return 0;
+}
+
+static void fd_forget(int fd)
+{
+	if (fd >= 0 && fd < FD_TAB) {
+		lsn[fd] = 0;
+		fdconn[fd] = 0;
+	}
+}
+
+static uint32_t sa_port(const struct sockaddr_storage *ss)
+{
+	if (ss->ss_family == AF_INET)
+		return ntohs(((const struct sockaddr_in *)ss)->sin_port);
+	if (ss->ss_family == AF_INET6)
+		return ntohs(((const struct sockaddr_in6 *)ss)->sin6_port);
+	return 0;
+}
+
+static int joint_accept(dmt_thread *s, int lfd, struct sockaddr *a, socklen_t *al, int flags)
+{
+	int nb = fd_nonblock(lfd);
+	while (pend_n == 0) {
+		if (nb) {
+			errno = EAGAIN;
+			return -1;
+		}
+		if (jwait(s, &acc_obj, 0, 0))
+			return -1;
+	}
+	uint32_t id = pend[pend_h];
+	pend_h = (pend_h + 1) % PEND_N;
+	pend_n--;
+	struct jconn *c = jc_get(id);
+	uint32_t port = c ? c->port : 0;
+	int fd = -1, tries = 0;
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof ss;
+	for (int i = 0; i < nstash; i++)
+		if (stash[i].port == port) {
+			fd = stash[i].fd;
+			ss = stash[i].ss;
+			sl = stash[i].sl;
+			stash[i] = stash[--nstash];
+			break;
+		}
+	while (fd < 0) {
+		/* the feeder connected before it published the connect: the
+		 * connection is on its way, wait for it holding the turn */
+		struct pollfd p = {lfd, POLLIN, 0};
+		if (RI.poll(&p, 1, 100) == 0) {
+			if (++tries > 300) {
+				dmt_log("joint: connection %u (port %u) never reached the listener", id, port);
+				errno = ECONNABORTED;
+				return -1;
+			}
+			continue;
+		}
+		sl = sizeof ss;
+		int r = RI.accept4(lfd, (struct sockaddr *)&ss, &sl, 0);
+		if (r < 0) {
+			if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ||
+			    errno == ECONNABORTED)
+				continue;
+			return -1;
+		}
+		fd_set_class(r, FC_SOCK);
+		if (sa_port(&ss) == port) {
+			fd = r;
+		} else if (nstash < STASH_N) {
+			stash[nstash].fd = r;
+			stash[nstash].port = sa_port(&ss);
+			stash[nstash].ss = ss;
+			stash[nstash].sl = sl;
+			nstash++;
+		} else {
+			RI.close(r);
+		}
+	}
+	if (flags & SOCK_NONBLOCK)
+		REAL(fcntl)(fd, F_SETFL, REAL(fcntl)(fd, F_GETFL) | O_NONBLOCK);
+	if (flags & SOCK_CLOEXEC)
+		REAL(fcntl)(fd, F_SETFD, FD_CLOEXEC);
+	if (a && al) {
+		memcpy(a, &ss, *al < sl ? *al : sl);
+		*al = sl;
+	}
+	fd_forget(fd);
+	fd_set_class(fd, FC_SOCK);
+	if (fd < FD_TAB)
+		lsn[fd] = 2;
+	if (c) {
+		c->fd = fd;
+		if (fd < FD_TAB)
+			fdconn[fd] = (int32_t)id + 1;
+	}
+	return fd;
+}
+
+static int wait_fd(int fd, short ev, int *tries)
+{
+	struct pollfd p = {fd, ev, 0};
+	if (RI.poll(&p, 1, 100) == 0 && ++*tries > 300)
+		return -1; /* 30 s: give up */
+	return 0;
+}
+
+/* Build in v (max cap entries) the first want bytes of src. */
+static int iov_cut(struct iovec *v, int cap, const struct iovec *src, size_t cnt, size_t want)
+{
+	int k = 0;
+	for (size_t i = 0; i < cnt && want && k < cap; i++) {
+		size_t l = src[i].iov_len < want ? src[i].iov_len : want;
+		if (!l)
+			continue;
+		v[k].iov_base = src[i].iov_base;
+		v[k].iov_len = l;
+		want -= l;
+		k++;
+	}
+	return k;
+}
+
+static ssize_t joint_in(dmt_thread *s, struct jconn *c, int k, int fd, void *buf, size_t n,
+			int flags, void *a, void *b)
+{
+	struct msghdr *um = k == K_RECVMSG ? a : 0;
+	const struct iovec *src;
+	size_t cnt, total;
+	struct iovec one;
+	if (k == K_READ || k == K_RECVFROM) {
+		one.iov_base = buf;
+		one.iov_len = n;
+		src = &one;
+		cnt = 1;
+	} else if (k == K_READV) {
+		src = buf;
+		cnt = n;
+	} else {
+		src = um->msg_iov;
+		cnt = um->msg_iovlen;
+	}
+	total = iov_total(src, cnt);
+	if (total == 0)
+		return 0;
+	int nb = (flags & MSG_DONTWAIT) || fd_nonblock(fd);
+	for (;;) {
+		if (c->avail > 0 && (!(flags & MSG_WAITALL) || c->avail >= total || c->eof))
+			break;
+		if (c->avail == 0 && c->eof)
+			break;
+		if (nb) {
+			errno = EAGAIN;
+			return -1;
+		}
+		if (jwait(s, c, 0, 0))
+			return -1;
+	}
+	size_t want = c->avail < total ? c->avail : total;
+	int tries = 0, peek = flags & MSG_PEEK;
+	int rf = (flags & ~(MSG_WAITALL | MSG_DONTWAIT)) | MSG_DONTWAIT;
+	if (want == 0) {
+		/* the client's end was admitted: wait for it */
+		char x;
+		for (;;) {
+			ssize_t r = RI.recvfrom(fd, &x, 1, rf | MSG_PEEK, 0, 0);
+			if (r == 0)
+				return 0;
+			if (r < 0 && (errno == EAGAIN || errno == EINTR)) {
+				if (wait_fd(fd, POLLIN, &tries))
+					return 0;
+				continue;
+			}
+			if (r < 0)
+				return -1;
+			/* bytes beyond what the log admitted: not ours to show */
+			return 0;
+		}
+	}
+	struct iovec v[64];
+	size_t got = 0;
+	while (got < want) {
+		int nv = iov_cut(v, 64, src, cnt, want);
+		/* skip what was already read */
+		size_t skip = peek ? 0 : got;
+		int i = 0;
+		while (i < nv && skip >= v[i].iov_len) {
+			skip -= v[i].iov_len;
+			i++;
+		}
+		if (i < nv) {
+			v[i].iov_base = (char *)v[i].iov_base + skip;
+			v[i].iov_len -= skip;
+		}
+		struct msghdr m;
+		memset(&m, 0, sizeof m);
+		if (um) {
+			m = *um;
+		} else if (k == K_RECVFROM && a && b) {
+			m.msg_name = a;
+			m.msg_namelen = *(socklen_t *)b;
+		}
+		m.msg_iov = &v[i];
+		m.msg_iovlen = nv - i;
+		ssize_t r = RI.recvmsg(fd, &m, rf);
+		if (r < 0 && (errno == EAGAIN || errno == EINTR)) {
+			if (wait_fd(fd, POLLIN, &tries))
+				break;
+			continue;
+		}
+		if (r <= 0) {
+			if (got)
+				break;
+			return r;
+		}
+		if (um) {
+			um->msg_flags = m.msg_flags;
+			um->msg_namelen = m.msg_namelen;
+			um->msg_controllen = m.msg_controllen;
+		} else if (k == K_RECVFROM && a && b) {
+			*(socklen_t *)b = m.msg_namelen;
+		}
+		if (peek) {
+			if ((size_t)r >= want) {
+				got = (size_t)r;
+				break;
+			}
+			if (wait_fd(fd, POLLIN, &tries))
+				break;
+			continue;
+		}
+		got += (size_t)r;
+	}
+	if (!peek)
+		c->avail -= got;
+	return (ssize_t)got;
+}
+
+static ssize_t joint_out(int k, int fd, const void *buf, size_t n, int flags, const void *a,
+			 socklen_t al, size_t want)
+{
+	ssize_t r = out_call(k, fd, buf, n, flags | MSG_DONTWAIT, a, al);
+	if (r < 0 && !would_block(r, errno))
+		return r;
+	size_t done = r < 0 ? 0 : (size_t)r;
+	int tries = 0;
+	while (done < want) {
+		if (wait_fd(fd, POLLOUT, &tries))
+			break;
+		ssize_t r2 = out_rest(k, fd, buf, n, flags | MSG_DONTWAIT, a, al, done);
+		if (r2 < 0) {
+			if (would_block(r2, errno) || errno == EINTR)
+				continue;
+			return done ? (ssize_t)done : r2;
+		}
+		if ((size_t)r2 > done) {
+			done = (size_t)r2;
+			tries = 0;
+		}
+	}
+	return (ssize_t)done;
+}
+
+/* readiness of one descriptor from the admitted input (or the kernel) */
+static short joint_ready(int fd, short events)
+{
+	struct jconn *c = jfd(fd);
+	if (c) {
+		short ev = 0;
+		if ((events & (POLLIN | POLLRDNORM)) && (c->avail || c->eof))
+			ev |= events & (POLLIN | POLLRDNORM);
+		if (events & (POLLOUT | POLLWRNORM))
+			ev |= events & (POLLOUT | POLLWRNORM);
+		if ((events & POLLRDHUP) && c->eof && !c->avail)
+			ev |= POLLRDHUP;
+		return ev;
+	}
+	if (is_listener(fd))
+		return (events & (POLLIN | POLLRDNORM)) && pend_n ? (events & (POLLIN | POLLRDNORM)) : 0;
+	struct pollfd p = {fd, events, 0};
+	if (RI.poll(&p, 1, 0) > 0)
+		return p.revents;
+	return 0;
+}
+
+static int joint_poll_once(struct pollfd *fds, nfds_t n)
+{
+	int cnt = 0;
+	for (nfds_t i = 0; i < n; i++) {
+		fds[i].revents = 0;
+		if (fds[i].fd < 0)
+			continue;
+		fds[i].revents = joint_ready(fds[i].fd, fds[i].events);
+		if (fds[i].revents)
+			cnt++;
+	}
+	return cnt;
+}
+
+static int external(int fd) { return fd >= 0 && !jfd(fd) && !is_listener(fd); }
+
+/* wait for an admission (or the deadline) as a poller; ext: some of its
+ * descriptors are outside the log */
+static int pwait(dmt_thread *s, uint64_t dl, int ext, int *timed)
+{
+	dmt_ext_waiters += ext;
+	int r = jwait(s, &poll_obj, dl, timed);
+	dmt_ext_waiters -= ext;
+	return r;
+}
+
+/* timeout_ns < 0: none. Holding the turn. */
+static int joint_poll(dmt_thread *s, struct pollfd *fds, nfds_t n, int64_t timeout_ns)
+{
+	uint64_t dl = timeout_ns > 0 ? dmt_deadline_rel((uint64_t)timeout_ns) : 0;
+	int ext = 0;
+	for (nfds_t i = 0; i < n; i++)
+		ext |= external(fds[i].fd);
+	for (;;) {
+		int cnt = joint_poll_once(fds, n);
+		if (cnt || timeout_ns == 0)
+			return cnt;
+		int timed = 0;
+		if (pwait(s, dl, ext, &timed))
+			return -1;
+		if (timed)
+			return joint_poll_once(fds, n);
+	}
+}
+
+static int any_listener(struct pollfd *fds, nfds_t n)
+{
+	for (nfds_t i = 0; i < n; i++)
+		if (is_listener(fds[i].fd))
+			return 1;
+	return 0;
+}
+
+/* epoll interest sets, kept so that joint_sched can answer epoll_wait */
+struct epi {
+	int fd, off;
+	uint32_t events;
+	uint64_t data;
+};
+struct eps {
+	int ep, n, cap;
+	struct epi *v;
+};
+#define EPS_N 64
+static struct eps epsets[EPS_N];
+
+static struct eps *eps_find(int ep, int make)
+{
+	for (int i = 0; i < EPS_N; i++)
+		if (epsets[i].cap && epsets[i].ep == ep)
+			return &epsets[i];
+	if (!make)
+		return 0;
+	for (int i = 0; i < EPS_N; i++)
+		if (!epsets[i].cap) {
+			epsets[i].ep = ep;
+			epsets[i].n = 0;
+			epsets[i].cap = 16;
+			epsets[i].v = calloc(16, sizeof(struct epi));
+			return &epsets[i];
+		}
+	return 0;
+}
+
+static void eps_forget_fd(int fd)
+{
+	for (int i = 0; i < EPS_N; i++) {
+		struct eps *e = &epsets[i];
+		if (!e->cap)
+			continue;
+		if (e->ep == fd) {
+			free(e->v);
+			memset(e, 0, sizeof *e);
+			continue;
+		}
+		for (int j = 0; j < e->n; j++)
+			if (e->v[j].fd == fd) {
+				memmove(&e->v[j], &e->v[j + 1], (e->n - j - 1) * sizeof(struct epi));
+				e->n--;
+				break;
+			}
+	}
+}
+
+static void eps_ctl(int ep, int op, int fd, struct epoll_event *ev)
+{
+	struct eps *e = eps_find(ep, op == EPOLL_CTL_ADD);
+	if (!e)
+		return;
+	int j;
+	for (j = 0; j < e->n; j++)
+		if (e->v[j].fd == fd)
+			break;
+	switch (op) {
+	case EPOLL_CTL_ADD:
+		if (j < e->n)
+			return;
+		if (e->n == e->cap) {
+			struct epi *nv = realloc(e->v, 2 * e->cap * sizeof(struct epi));
+			if (!nv)
+				return;
+			e->v = nv;
+			e->cap *= 2;
+		}
+		e->v[e->n].fd = fd;
+		e->v[e->n].off = 0;
+		e->v[e->n].events = ev ? ev->events : 0;
+		e->v[e->n].data = ev ? ev->data.u64 : 0;
+		e->n++;
+		break;
+	case EPOLL_CTL_MOD:
+		if (j < e->n && ev) {
+			e->v[j].events = ev->events;
+			e->v[j].data = ev->data.u64;
+			e->v[j].off = 0;
+		}
+		break;
+	case EPOLL_CTL_DEL:
+		if (j < e->n) {
+			memmove(&e->v[j], &e->v[j + 1], (e->n - j - 1) * sizeof(struct epi));
+			e->n--;
+		}
+		break;
+	}
+}
+
+EXPORT int epoll_ctl(int ep, int op, int fd, struct epoll_event *ev)
+{
+	static int (*real)(int, int, int, struct epoll_event *);
+	if (!real)
+		real = dlsym(RTLD_NEXT, "epoll_ctl");
+	int r = real(ep, op, fd, ev);
+	if (r != 0 || !G.joint_env)
+		return r;
+	dmt_thread *s = dmt_enter();
+	int turn = s && atomic_load(&G.joint_on);
+	if (turn)
+		turn_get(s); /* the order of the interest set is the order of the calls */
+	dmt_lock();
+	eps_ctl(ep, op, fd, ev);
+	dmt_unlock();
+	if (turn)
+		turn_put(s);
+	return r;
+}
+
+static int joint_epoll_once(int ep, struct epoll_event *out, int max)
+{
+	struct eps *e = eps_find(ep, 0);
+	if (!e)
+		return 0;
+	int cnt = 0;
+	for (int j = 0; j < e->n && cnt < max; j++) {
+		struct epi *it = &e->v[j];
+		if (it->off)
+			continue;
+		short want = (short)(it->events & (EPOLLIN | EPOLLOUT | EPOLLPRI | EPOLLRDHUP));
+		short r = joint_ready(it->fd, want);
+		if (!r)
+			continue;
+		out[cnt].events = (uint32_t)(unsigned short)r;
+		out[cnt].data.u64 = it->data;
+		cnt++;
+		if (it->events & EPOLLONESHOT)
+			it->off = 1;
+	}
+	return cnt;
+}
+
+static int eps_has_listener(int ep)
+{
+	struct eps *e = eps_find(ep, 0);
+	if (!e)
+		return 0;
+	for (int j = 0; j < e->n; j++)
+		if (is_listener(e->v[j].fd))
+			return 1;
+	return 0;
+}
+
+static int joint_epoll(dmt_thread *s, int ep, struct epoll_event *ev, int max, int64_t timeout_ns)
+{
+	uint64_t dl = timeout_ns > 0 ? dmt_deadline_rel((uint64_t)timeout_ns) : 0;
+	int ext = 0;
+	struct eps *e = eps_find(ep, 0);
+	for (int j = 0; e && j < e->n; j++)
+		ext |= external(e->v[j].fd);
+	for (;;) {
+		int cnt = joint_epoll_once(ep, ev, max);
+		if (cnt || timeout_ns == 0)
+			return cnt;
+		int timed = 0;
+		if (pwait(s, dl, ext, &timed))
+			return -1;
+		if (timed)
+			return joint_epoll_once(ep, ev, max);
+	}
 }
 
 /* ---------------------------------------------------------------- hooks */
@@ -396,6 +1069,19 @@ EXPORT ssize_t write(int fd, const void *buf, size_t n)
 		int c = fd_class(fd);
 		if (c == FC_PASS)
 			return RI.write(fd, buf, n);
+		if (c == FC_OTHER && atomic_load(&G.joint_on) && fd_nonblock(fd)) {
+			/* a wakeup pipe or eventfd: its readiness is part of the order */
+			turn_get(s);
+			stat_op(DMT_OP_PIPE_IO);
+			ssize_t r = RI.write(fd, buf, n);
+			int e = errno;
+			dmt_lock();
+			dmt_signal_locked(&poll_obj, 1);
+			dmt_unlock();
+			turn_put(s);
+			errno = e;
+			return r;
+		}
 		if (c == FC_OTHER)
 			return DMT_BLOCKING(s, DMT_OP_PIPE_IO, RI.write(fd, buf, n));
 		ssize_t r = sock_out(s, K_WRITE, fd, buf, n, 0, 0, 0);
@@ -454,6 +1140,35 @@ static ssize_t do_sendfile(int out, int in, off_t *off, size_t n)
 	int c = fd_class(out);
 	if (c == FC_PASS)
 		return RI.sendfile(out, in, off, n);
+	if (G.joint_env) {
+		turn_get(s);
+		if (jfd(out)) {
+			/* a connection of the log: complete holding the turn */
+			stat_op(DMT_OP_SEND);
+			size_t done = 0;
+			int tries = 0;
+			ssize_t r = 0;
+			while (done < n) {
+				r = RI.sendfile(out, in, off, n - done);
+				if (r > 0) {
+					done += (size_t)r;
+					tries = 0;
+					continue;
+				}
+				if (r == 0)
+					break;
+				if (errno != EAGAIN && errno != EINTR)
+					break;
+				if (wait_fd(out, POLLOUT, &tries))
+					break;
+			}
+			int e = errno;
+			turn_put(s);
+			errno = e;
+			return done ? (ssize_t)done : r;
+		}
+		turn_put(s);
+	}
 	if (fd_nonblock(out)) {
 		turn_get(s);
 		stat_op(DMT_OP_SEND);
@@ -475,6 +1190,14 @@ static int do_accept(int fd, struct sockaddr *a, socklen_t *al, int flags, int f
 	int r, e;
 	if (!s) {
 		r = four ? REAL(accept4)(fd, a, al, flags) : REAL(accept)(fd, a, al);
+	} else if (G.joint_env && is_listener(fd) && joint_enter(s, 1)) {
+		/* only inet listeners carry the log's connections */
+		stat_op(DMT_OP_ACCEPT);
+		r = joint_accept(s, fd, a, al, four ? flags : 0);
+		e = errno;
+		turn_put(s);
+		errno = e;
+		return r;
 	} else if (fd_nonblock(fd)) {
 		turn_get(s);
 		stat_op(DMT_OP_ACCEPT);
@@ -516,6 +1239,7 @@ EXPORT int connect(int fd, const struct sockaddr *a, socklen_t al)
 EXPORT int socket(int d, int t, int p)
 {
 	int r = REAL(socket)(d, t, p);
+	fd_forget(r);
 	fd_set_class(r, FC_SOCK);
 	return r;
 }
@@ -553,6 +1277,8 @@ EXPORT int pipe2(int fds[2], int fl)
 static void fd_copy(int from, int to)
 {
 	if (to >= 0 && to != from)
+		fd_forget(to);
+	if (to >= 0 && to != from)
 		fd_set_class(to, from >= 0 && from < FD_TAB ? fdtab[from] : FC_UNKNOWN);
 }
 
@@ -582,6 +1308,25 @@ EXPORT int close(int fd)
 	dmt_thread *s = dmt_enter();
 	int sock = fd >= 0 && fd < FD_TAB && fdtab[fd] == FC_SOCK;
 	fd_set_class(fd, FC_UNKNOWN);
+	if (G.joint_env && fd >= 0 && fd < FD_TAB) {
+		if (s)
+			turn_get(s);
+		dmt_lock();
+		if (fdconn[fd]) {
+			struct jconn *c = jc_get((uint32_t)(fdconn[fd] - 1));
+			if (c) {
+				c->appclosed = 1;
+				c->fd = -1;
+				if (c->eof)
+					c->used = 0;
+			}
+		}
+		fd_forget(fd);
+		eps_forget_fd(fd);
+		dmt_unlock();
+		if (s)
+			turn_put(s);
+	}
 	if (!s || !sock)
 		return REAL(close)(fd);
 	turn_get(s);
@@ -653,6 +1398,14 @@ EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
 		return REAL(poll)(fds, n, timeout);
 	if (n == 0 && timeout >= 0)
 		return dmt_sleep_ns(s, (uint64_t)timeout * 1000000ull);
+	if (joint_enter(s, any_listener(fds, n))) {
+		stat_op(DMT_OP_POLL);
+		int jr = joint_poll(s, fds, n, timeout < 0 ? -1 : (int64_t)timeout * 1000000);
+		int je = errno;
+		turn_put(s);
+		errno = je;
+		return jr;
+	}
 	turn_get(s);
 	stat_op(DMT_OP_POLL);
 	int r = RI.poll(fds, n, 0), e = errno;
@@ -674,6 +1427,15 @@ EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const 
 	if (!s)
 		return REAL(ppoll)(fds, n, ts, mask);
 	static const struct timespec zero;
+	if (joint_enter(s, any_listener(fds, n))) {
+		stat_op(DMT_OP_POLL);
+		int jr = joint_poll(s, fds, n,
+				    ts ? (int64_t)ts->tv_sec * 1000000000ll + ts->tv_nsec : -1);
+		int je = errno;
+		turn_put(s);
+		errno = je;
+		return jr;
+	}
 	turn_get(s);
 	stat_op(DMT_OP_POLL);
 	int r = RI.ppoll(fds, n, &zero, mask), e = errno;
@@ -784,6 +1546,16 @@ static int epoll_common(int ep, struct epoll_event *ev, int max, int ms,
 		return REAL(epoll_wait)(ep, ev, max, ms);
 	}
 	static const struct timespec zero;
+	if (max > 0 && joint_enter(s, eps_has_listener(ep))) {
+		stat_op(DMT_OP_EPOLL_WAIT);
+		int64_t tns = kind == 2 ? (ts ? (int64_t)ts->tv_sec * 1000000000ll + ts->tv_nsec : -1)
+					: (ms < 0 ? -1 : (int64_t)ms * 1000000);
+		int jr = joint_epoll(s, ep, ev, max, tns);
+		int je = errno;
+		turn_put(s);
+		errno = je;
+		return jr;
+	}
 	turn_get(s);
 	stat_op(DMT_OP_EPOLL_WAIT);
 	int r = kind == 2 ? RI.epoll_pwait2(ep, ev, max, &zero, mask)

@@ -109,8 +109,7 @@ struct dmt_slot {
 };
 
 /*
- * The input channel (for joint_sched; the runtime maps it but does not
- * consume it yet). A single-producer ring written by the replica's feeder
+ * The input channel (joint_sched, LOCKSTEP_DMT_JOINT=1). A single-producer ring written by the replica's feeder
  * and read by the runtime, at fixed offset chan_off:
  *
  *   struct dmt_chan {                   offset
@@ -122,7 +121,15 @@ struct dmt_slot {
  *     uint32_t cons_sleep;              132  futex: consumer sleeps (empty)
  *     uint32_t cap;                     136  entries, a power of two
  *     uint32_t ent_size;                140  sizeof(struct dmt_chan_ent)
- *     uint8_t  pad2[112];
+ *     int32_t  consumer;                144  pid of the consuming process
+ *     uint32_t starve;                  148  futex: +1 when the consumer starves
+ *     uint32_t starving;                152  while it waits on an empty ring:
+ *                                             1 a bubble would let a thread
+ *                                             run, 2 only input would
+ *     uint32_t pad3;
+ *     uint64_t clock;                   160  its logical clock then
+ *     uint64_t admitted;                168  entries admitted
+ *     uint8_t  pad2[80];
  *     struct dmt_chan_ent ent[cap];     256
  *   };
  *
@@ -136,10 +143,11 @@ struct dmt_slot {
  */
 struct dmt_chan_ent {
 	uint64_t seq;   /* log index of the event */
-	uint64_t ltime; /* logical time at which it takes effect */
+	uint64_t ltime; /* the leader's wall clock (ns) stamped in the log, 0: none */
 	uint32_t kind;  /* DMT_EV_* */
 	uint32_t conn;  /* connection id, 0 for BUBBLE */
-	uint32_t len;   /* DATA: bytes now readable on conn; BUBBLE: ticks */
+	uint32_t len;   /* DATA: bytes now readable on conn; BUBBLE: ticks;
+			   CONNECT: the feeder's source port (to match accept) */
 	uint32_t flags;
 };
 
@@ -157,7 +165,13 @@ struct dmt_chan {
 	uint32_t cons_sleep;
 	uint32_t cap;
 	uint32_t ent_size;
-	uint8_t pad2[112];
+	int32_t consumer;  /* 144: pid of the process that consumes (joint_sched) */
+	uint32_t starve;   /* 148: futex, +1 each time the consumer waits on an empty ring */
+	uint32_t starving; /* 152: consumer waits on an empty ring (1 bubble useful, 2 not) */
+	uint32_t pad3;
+	uint64_t clock;    /* 160: the consumer's logical clock when it last waited */
+	uint64_t admitted; /* 168: entries admitted (== tail) */
+	uint8_t pad2[80];
 	struct dmt_chan_ent ent[];
 };
 
