@@ -24,5 +24,9 @@ func (r *Replica) adminHandler() http.Handler {
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	r.membershipAdmin(mux)
+	if r.ck != nil {
+		r.checkpointAdmin(mux)
+	}
 	return mux
 }

@@ -15,7 +15,8 @@
 //	server_close(conn, abort)  the leader's server ended its output
 //	epoch(leader, term, addr)  a new leader serves clients at addr
 //	digest(replica, reports)   a replica's output digests
-//	bubble(ticks)              reserved for the deterministic scheduler
+//	bubble(ticks, time)        joint_sched: the runtime's clock advances
+//	                           (proposed by the leader, bubble.go)
 //
 // Who proposes what: the leader proposes connect, data, shutdown, close
 // and server_close for the clients it serves, and an epoch when it starts
@@ -48,8 +49,9 @@
 // queue and writer, so the apply loop never waits for a server socket and
 // a slow server (or a slow backup) never holds up the leader. A feeder can
 // be quiesced at a log index (Replica.Quiesce), for a checkpoint of the
-// server at that index; a shared-memory feeder for the deterministic
-// scheduler will implement the same interface.
+// server at that index. In joint_sched the DMTFeeder (dmtfeeder.go) also
+// tells the deterministic runtime, through its shared-memory channel,
+// which input comes next.
 //
 // # Clients
 //

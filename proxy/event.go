@@ -39,12 +39,18 @@ const (
 	Epoch Type = 6
 	// Digest: Replica reports digests of its server's output (Reports).
 	Digest Type = 7
-	// Bubble: reserved for the deterministic scheduler (time bubbles):
-	// every replica's logical clock advances by Ticks.
+	// Bubble: a time bubble of the deterministic scheduler (joint_sched,
+	// bubble.go): every replica's logical clock advances by Ticks; Time is
+	// the leader's wall clock, the servers' time from then on.
 	Bubble Type = 8
+	// Checkpoint: Replica took checkpoint CkptID (content digest
+	// CkptDigest) of its server at log index CkptIndex and serves it at
+	// Addr (a URL of its checkpoint store). Every replica may then fetch
+	// it and compact its log below CkptIndex.
+	Checkpoint Type = 9
 )
 
-var typeNames = [...]string{"invalid", "connect", "data", "shutdown", "close", "server_close", "epoch", "digest", "bubble"}
+var typeNames = [...]string{"invalid", "connect", "data", "shutdown", "close", "server_close", "epoch", "digest", "bubble", "checkpoint"}
 
 func (t Type) String() string {
 	if int(t) < len(typeNames) {
@@ -79,6 +85,11 @@ type Event struct {
 	Replica uint64 // Digest
 	Reports []DigestReport
 	Ticks   uint64 // Bubble
+	Time    uint64 // Bubble: the leader's wall clock (ns) when it proposed it
+	// Checkpoint (with Replica and Addr).
+	CkptIndex  uint64
+	CkptID     string
+	CkptDigest string
 }
 
 func (e Event) String() string {
@@ -96,7 +107,9 @@ func (e Event) String() string {
 	case Digest:
 		return fmt.Sprintf("digest(replica %d, %d reports)", e.Replica, len(e.Reports))
 	case Bubble:
-		return fmt.Sprintf("bubble(%d)", e.Ticks)
+		return fmt.Sprintf("bubble(%d @%d)", e.Ticks, e.Time)
+	case Checkpoint:
+		return fmt.Sprintf("checkpoint(replica %d, index %d, id %s)", e.Replica, e.CkptIndex, e.CkptID)
 	}
 	return e.Type.String()
 }
@@ -155,6 +168,14 @@ func AppendEvent(dst []byte, e Event) []byte {
 		}
 	case Bubble:
 		dst = binary.AppendUvarint(dst, e.Ticks)
+		dst = binary.AppendUvarint(dst, e.Time)
+	case Checkpoint:
+		dst = binary.AppendUvarint(dst, e.Replica)
+		dst = binary.AppendUvarint(dst, e.CkptIndex)
+		for _, str := range []string{e.CkptID, e.CkptDigest, e.Addr} {
+			dst = binary.AppendUvarint(dst, uint64(len(str)))
+			dst = append(dst, str...)
+		}
 	}
 	return dst
 }
@@ -274,6 +295,20 @@ func DecodeEvent(b []byte) (Event, error) {
 		}
 	case Bubble:
 		e.Ticks = d.uvarint("ticks")
+		e.Time = d.uvarint("time")
+	case Checkpoint:
+		e.Replica = d.uvarint("replica")
+		e.CkptIndex = d.uvarint("checkpoint index")
+		str := func(what string) string {
+			n := d.uvarint(what + " length")
+			if d.err == nil && n > maxAddr {
+				d.err = fmt.Errorf("%w: %s of %d bytes", ErrMalformed, what, n)
+			}
+			return string(d.bytes(n, what))
+		}
+		e.CkptID = str("checkpoint id")
+		e.CkptDigest = str("checkpoint digest")
+		e.Addr = str("checkpoint address")
 	default:
 		return Event{}, fmt.Errorf("%w: unknown type %d", ErrMalformed, b[1])
 	}

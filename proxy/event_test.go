@@ -21,6 +21,7 @@ func sampleEvents() []Event {
 		{Type: Epoch, Leader: 2, Term: 9, Addr: "127.0.0.1:7001"},
 		{Type: Digest, Replica: 3, Reports: []DigestReport{{Conn: 3, Seq: 1, Len: 100, Sum: sum}, {Conn: 4, Seq: 2, Len: 0, Final: true}}},
 		{Type: Bubble, Ticks: 5},
+		{Type: Checkpoint, Replica: 2, CkptIndex: 1200, CkptID: "0a1b2c", CkptDigest: "ff00", Addr: "http://127.0.0.1:7102/checkpoints"},
 	}
 }
 

@@ -16,9 +16,9 @@ type Committed struct {
 
 // Feeder delivers a replica's committed events, in log order, to its copy
 // of the server. It is the boundary between "committed" and "delivered":
-// the TCP feeder opens real connections to the server now; a shared-memory
-// feeder for the deterministic scheduler, which must learn from the log
-// which input comes next, will implement the same interface.
+// the TCP feeder opens real connections to the server; the DMTFeeder
+// (joint_sched) also tells the deterministic runtime which input comes
+// next.
 //
 // The events a feeder receives are Connect, Data, Shutdown, Close (Abort:
 // reset the server's connection; else close it once the server has ended

@@ -68,6 +68,17 @@ type Options struct {
 	// Nil: a snapshot is fatal, as there are no checkpoints yet and the
 	// log is never compacted.
 	Restore func(paxos.Snapshot) error
+	// Checkpoints turn on checkpoints and recovery (ckpt.go); the server
+	// is then Checkpoints.Server, started when the log does not begin
+	// with a snapshot (StartServer is not used).
+	Checkpoints *CheckpointOptions
+	// Join starts a replica that is not an initial member: it waits, empty,
+	// until the leader adds it as a learner (POST /join on the leader's
+	// admin), then catches up (from a checkpoint when the log is
+	// compacted) and asks to be promoted.
+	Join bool
+	// KeepEntries are kept in the log below a compaction (default 4096).
+	KeepEntries uint64
 
 	// Registry receives the proxy's and the log's metrics and is served
 	// at /metrics (default: a new registry).
@@ -78,6 +89,10 @@ type Options struct {
 func (o *Options) setDefaults() error {
 	if o.ID == 0 {
 		return errors.New("proxy: replica id must not be 0")
+	}
+	if o.Checkpoints != nil && o.StartServer == nil {
+		srv := o.Checkpoints.Server
+		o.StartServer = func(context.Context) (Server, error) { return srv, nil }
 	}
 	if o.StartServer == nil {
 		return errors.New("proxy: StartServer is required")
@@ -121,6 +136,10 @@ func (o *Options) setDefaults() error {
 	o.Logger = o.Logger.WithField("replica", o.ID)
 	if o.NewFeeder == nil {
 		o.NewFeeder = func(srv Server, out Output, log logrus.FieldLogger) Feeder {
+			if ls, ok := srv.(*LXCServer); ok {
+				ls.SetOutput(out)
+				return ls
+			}
 			return NewTCPFeeder(TCPFeederOptions{Addr: srv.Addr, Output: out, Logger: log})
 		}
 	}
@@ -156,6 +175,10 @@ type Replica struct {
 	srv    Server
 	feeder Feeder
 	masks  []MaskRule
+	ck     *checkpointer
+	// started: the server was started or restored (by the apply loop,
+	// with checkpoints).
+	started bool
 
 	ln        net.Listener
 	adminLn   net.Listener
@@ -275,15 +298,23 @@ func Start(ctx context.Context, o Options) (_ *Replica, err error) {
 		return nil, fmt.Errorf("proxy: starting the server: %w", err)
 	}
 	r.feeder = o.NewFeeder(r.srv, r, r.log)
+	if o.Checkpoints != nil {
+		if r.ck, err = newCheckpointer(r, *o.Checkpoints); err != nil {
+			return nil, err
+		}
+	}
 
 	peers := map[uint64]string{}
 	for _, rep := range o.Replicas {
-		peers[rep.ID] = rep.Peer
+		// Replicas that join later are not initial members.
+		if !rep.Join || o.Join {
+			peers[rep.ID] = rep.Peer
+		}
 	}
 	r.node, err = paxos.Start(paxos.Config{
-		ID: o.ID, ClusterID: o.ClusterID, Peers: peers, DataDir: o.DataDir,
+		ID: o.ID, ClusterID: o.ClusterID, Peers: peers, DataDir: o.DataDir, Join: o.Join,
 		Tick: o.Log.Tick(), ElectionTicks: o.Log.ElectionTicks, HeartbeatTicks: o.Log.HeartbeatTicks,
-		NoSync: o.Log.NoSync, Registerer: o.Registry, Logger: o.Logger,
+		NoSync: o.Log.NoSync, Registerer: o.Registry, Logger: o.Logger, KeepEntries: o.KeepEntries,
 	})
 	if err != nil {
 		return nil, err
@@ -295,6 +326,9 @@ func Start(ctx context.Context, o Options) (_ *Replica, err error) {
 	r.goFunc(r.watchLeadership)
 	r.goFunc(r.acceptLoop)
 	r.goFunc(r.flushDigests)
+	if o.Join {
+		r.goFunc(r.promoteWhenCaughtUp)
+	}
 	r.goFunc(func() {
 		select {
 		case <-r.srv.Exited():
@@ -416,6 +450,14 @@ func (r *Replica) Registry() *prometheus.Registry { return r.o.Registry }
 
 func (r *Replica) applyLoop() {
 	for ap := range r.node.Applies() {
+		if r.ck != nil && !r.started && ap.Snapshot == nil {
+			// The log starts at its beginning: a fresh server.
+			if err := r.ck.o.Server.Start(r.ctx); err != nil {
+				r.fail(fmt.Errorf("proxy: starting the server: %w", err))
+				return
+			}
+		}
+		r.started = true
 		if ap.Snapshot != nil {
 			if err := r.restore(*ap.Snapshot); err != nil {
 				r.fail(err)
@@ -440,6 +482,9 @@ func (r *Replica) applyLoop() {
 			r.applied = e.Index
 			r.pcond.Broadcast()
 			r.pmu.Unlock()
+			if r.ck != nil {
+				r.ck.afterApply(e.Index)
+			}
 		}
 		r.pmu.Lock()
 		applied := r.applied
@@ -450,6 +495,18 @@ func (r *Replica) applyLoop() {
 }
 
 func (r *Replica) restore(s paxos.Snapshot) error {
+	if r.ck != nil {
+		// The checkpoint restored may be newer than the snapshot (when the
+		// snapshot's is gone): the entries up to it are then skipped.
+		index, err := r.ck.restore(s)
+		if err != nil {
+			return fmt.Errorf("proxy: restoring the snapshot at %d: %w", s.Index, err)
+		}
+		r.pmu.Lock()
+		r.applied = index
+		r.pmu.Unlock()
+		return nil
+	}
 	if r.o.Restore == nil {
 		return fmt.Errorf("proxy: the log starts with a snapshot at %d, but this replica cannot restore checkpoints", s.Index)
 	}
@@ -557,6 +614,10 @@ func (r *Replica) applyEntry(index uint64, data []byte) {
 		}
 	case Bubble:
 		feed(ev)
+	case Checkpoint:
+		if r.ck != nil {
+			r.ck.announced(ev)
+		}
 	}
 	r.m.connsOpen.Set(float64(len(r.conns)))
 }
@@ -567,6 +628,9 @@ func (r *Replica) divergence(d Divergence) {
 		"conn": fmt.Sprintf("%x", d.Conn), "index": d.Index, "diverging_replica": d.Replica,
 		"checkpoint": d.Seq, "agree": d.Agree, "len": d.Len, "agree_len": d.AgreeLen,
 	}).Warn("proxy: output divergence")
+	if r.ck != nil {
+		r.ck.divergence(d)
+	}
 }
 
 // Quiesce stops applying the log after index and returns once everything
@@ -624,7 +688,9 @@ func (r *Replica) Applied() uint64 {
 // replica leads the connection.
 func (r *Replica) ServerData(conn uint64, b []byte) {
 	r.m.bytesOutput.Add(float64(len(b)))
-	r.digester(conn).Write(b)
+	if r.ck == nil || !r.ck.skipDigest(conn) {
+		r.digester(conn).Write(b)
+	}
 	if s := r.session(conn); s != nil {
 		s.output(b)
 	}
@@ -636,7 +702,7 @@ func (r *Replica) ServerEOF(conn uint64, err error) {
 	d := r.digests[conn]
 	delete(r.digests, conn)
 	r.dmu.Unlock()
-	if err == nil {
+	if err == nil && (r.ck == nil || !r.ck.skipDigest(conn)) {
 		if d == nil {
 			d = newDigester(conn, r.masks, r.addReport)
 		}

@@ -26,6 +26,9 @@ type TCPFeederOptions struct {
 	// CloseGrace is how long a graceful close waits for the server to end
 	// its output before resetting the connection (default 5s).
 	CloseGrace time.Duration
+	// AbortGrace is how long the data queued before a reset may take to
+	// reach the server (default 1s).
+	AbortGrace time.Duration
 	Logger     logrus.FieldLogger
 }
 
@@ -90,6 +93,9 @@ func NewTCPFeeder(o TCPFeederOptions) *TCPFeeder {
 	}
 	if o.CloseGrace <= 0 {
 		o.CloseGrace = 5 * time.Second
+	}
+	if o.AbortGrace <= 0 {
+		o.AbortGrace = abortGrace
 	}
 	if o.Logger == nil {
 		o.Logger = logrus.StandardLogger()
@@ -173,7 +179,7 @@ func (f *TCPFeeder) Feed(ev Committed) {
 			if ev.Abort {
 				// The data queued before the reset still goes first, but a
 				// server that does not read may hold it up only so long.
-				fc.expire(time.Now().Add(abortGrace))
+				fc.expire(time.Now().Add(f.o.AbortGrace))
 			}
 			fc.push(feedOp{typ: Close, abort: ev.Abort})
 		}

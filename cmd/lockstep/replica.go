@@ -27,6 +27,7 @@ func newReplicaCmd() *cobra.Command {
 		dataDir string
 		listen  string
 		dmt     bool
+		join    bool
 	)
 	cmd := &cobra.Command{
 		Use:   "replica",
@@ -51,9 +52,6 @@ reset, the log is closed cleanly and the server stopped.`,
 			if id == 0 {
 				return errors.New("--id is required")
 			}
-			if dmt {
-				return errors.New("--dmt: the deterministic scheduler (joint_sched) is not part of lockstep yet")
-			}
 			cfg, err := configs.Load(cfgPath)
 			if err != nil {
 				return err
@@ -70,18 +68,28 @@ reset, the log is closed cleanly and the server stopped.`,
 			if dataDir == "" {
 				dataDir = filepath.Join(cfg.Cluster.DataDir, strconv.FormatUint(id, 10))
 			}
-			return runReplica(cfg, id, dataDir)
+			return runReplica(cfg, id, dataDir, join, dmt)
 		},
 	}
 	cmd.Flags().StringVarP(&cfgPath, "config", "c", "", "the application's config (configs/<app>.toml)")
 	cmd.Flags().Uint64Var(&id, "id", 0, "this replica's id in [[cluster.replica]]")
 	cmd.Flags().StringVar(&dataDir, "data-dir", "", "the replica's data directory (default <cluster.data_dir>/<id>)")
-	cmd.Flags().BoolVar(&dmt, "dmt", false, "run the server under the deterministic scheduler fed by the log (joint_sched; not available yet)")
+	cmd.Flags().BoolVar(&dmt, "dmt", false, "run the server under the deterministic scheduler fed by the log (joint_sched)")
+	cmd.Flags().BoolVar(&join, "join", false, "join a running cluster: start empty and wait to be added (lockstep join), then catch up from a checkpoint")
 	cmd.Flags().StringVar(&listen, "server-listen", "", "where this replica's server listens, instead of server.listen (several replicas on one host)")
 	return cmd
 }
 
-func runReplica(cfg *configs.Config, id uint64, dataDir string) error {
+func runReplica(cfg *configs.Config, id uint64, dataDir string, join, useDMT bool) error {
+	if useDMT && (cfg.Checkpoint.Enabled || cfg.Checkpoint.UseContainer()) {
+		return errors.New("--dmt: joint_sched does not run with checkpoints yet")
+	}
+	if cfg.Checkpoint.Enabled || cfg.Checkpoint.UseContainer() {
+		return runContainerReplica(cfg, id, dataDir, join)
+	}
+	if join {
+		return errors.New("--join needs checkpoints ([checkpoint] enabled = true)")
+	}
 	log := logrus.WithFields(logrus.Fields{"app": cfg.Name})
 	dataDir, err := filepath.Abs(dataDir)
 	if err != nil {
@@ -105,9 +113,15 @@ func runReplica(cfg *configs.Config, id uint64, dataDir string) error {
 	opts := proxy.FromConfig(cfg, id)
 	opts.DataDir = filepath.Join(dataDir, "log")
 	opts.Logger = log
+	var dmtEnv []string
+	if useDMT {
+		if dmtEnv, err = jointSched(cfg, &opts, dataDir); err != nil {
+			return err
+		}
+	}
 	opts.StartServer = func(ctx context.Context) (proxy.Server, error) {
 		s, err := container.StartServer(ctx, container.ServerOptions{
-			Config: cfg.Server, AppDir: cfg.AppDir(), Dir: serverDir,
+			Config: cfg.Server, AppDir: cfg.AppDir(), Dir: serverDir, Env: dmtEnv,
 			Name: fmt.Sprintf("%s-%d", cfg.Name, id), Logger: log,
 		})
 		if err != nil {

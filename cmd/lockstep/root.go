@@ -40,5 +40,6 @@ copy the same events in the same order.`,
 	root.PersistentFlags().StringVar(&format, "log-format", "text", "log format: text or json")
 	root.AddCommand(newBenchCmd(), newRunCmd(), newEvalCmd())
 	root.AddCommand(newReplicaCmd(), newStatusCmd())
+	root.AddCommand(newCheckpointCmd(), newRebuildCmd(), newJoinCmd(), newFeederCmd())
 	return root
 }
