@@ -75,12 +75,17 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		}
 		for r := 1; r <= o.Rounds; r++ {
 			bar.label(mode, fmt.Sprintf("round %d/%d", r, o.Rounds))
+			b0, t0 := d.appliedBubbles(ctx), time.Now()
 			m, err := runClient(ctx, d, o.Config.Client.Parser, client, filepath.Join(o.WorkDir, mode), r)
 			if err != nil {
 				d.Close()
 				return res, fmt.Errorf("eval: mode %s round %d: %w", mode, r, err)
 			}
-			res.Rounds = append(res.Rounds, Round{Mode: mode, Round: r, Measurement: m})
+			var extra map[string]float64
+			if b1 := d.appliedBubbles(ctx); b0 >= 0 && b1 >= b0 {
+				extra = map[string]float64{"bubbles/s": (b1 - b0) / time.Since(t0).Seconds()}
+			}
+			res.Rounds = append(res.Rounds, Round{Mode: mode, Round: r, Measurement: m, Extra: extra})
 			bar.step()
 		}
 		if err := d.Close(); err != nil {
