@@ -73,6 +73,13 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		if err != nil {
 			return res, fmt.Errorf("eval: mode %s: %w", mode, err)
 		}
+		if prep := o.Config.Client.Prepare; len(prep) > 0 {
+			bar.label(mode, "preparing")
+			if err := runPrepare(ctx, d, prep, filepath.Join(o.WorkDir, mode)); err != nil {
+				d.Close()
+				return res, fmt.Errorf("eval: mode %s: %w", mode, err)
+			}
+		}
 		for r := 1; r <= o.Rounds; r++ {
 			bar.label(mode, fmt.Sprintf("round %d/%d", r, o.Rounds))
 			b0, t0 := d.appliedBubbles(ctx), time.Now()
@@ -127,6 +134,29 @@ func validMode(m string) bool {
 		}
 	}
 	return false
+}
+
+// runPrepare runs the config's client.prepare once from the client
+// namespace (e.g. sysbench prepare), keeping its output beside the rounds'.
+func runPrepare(ctx context.Context, d *Deployment, argv []string, dir string) error {
+	cmd, err := d.ClientCommand(ctx, argv, 0)
+	if err != nil {
+		return err
+	}
+	out, err := cmd.CombinedOutput()
+	_ = os.WriteFile(filepath.Join(dir, "prepare.txt"), out, 0o644)
+	if err != nil {
+		return fmt.Errorf("client prepare %q: %w\n%s", strings.Join(argv, " "), err, tail(string(out), 8))
+	}
+	return nil
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }
 
 // runClient runs the benchmark once from the client namespace and parses

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"hash"
 	"regexp"
+	"regexp/syntax"
 )
 
 // Output digests.
@@ -37,6 +38,42 @@ const (
 type MaskRule struct {
 	Re      *regexp.Regexp
 	Replace []byte
+	// need is a literal every match contains (nil: unknown). Most output
+	// lines lack it, and bytes.Contains is far cheaper than the regexp
+	// engine, which dominated the leader's CPU per request without it.
+	need []byte
+	// needSet: need was computed by NewMaskRule.
+	needSet bool
+}
+
+// NewMaskRule replaces every match of re by replace.
+func NewMaskRule(re *regexp.Regexp, replace []byte) MaskRule {
+	return MaskRule{Re: re, Replace: replace, need: requiredLiteral(re), needSet: true}
+}
+
+// requiredLiteral returns the longest literal of the pattern's top-level
+// concatenation (e.g. "Date: " for `(?m)^Date: [^\r\n]*`), which every
+// match must contain; nil when there is none or case is folded.
+func requiredLiteral(re *regexp.Regexp) []byte {
+	t, err := syntax.Parse(re.String(), syntax.Perl)
+	if err != nil {
+		return nil
+	}
+	t = t.Simplify()
+	subs := []*syntax.Regexp{t}
+	if t.Op == syntax.OpConcat {
+		subs = t.Sub
+	}
+	var best []rune
+	for _, sub := range subs {
+		if sub.Op == syntax.OpLiteral && sub.Flags&syntax.FoldCase == 0 && len(sub.Rune) > len(best) {
+			best = sub.Rune
+		}
+	}
+	if len(best) == 0 {
+		return nil
+	}
+	return []byte(string(best))
 }
 
 type digester struct {
@@ -87,6 +124,13 @@ func (d *digester) Write(b []byte) {
 
 func (d *digester) record(r []byte) {
 	for _, m := range d.masks {
+		need := m.need
+		if !m.needSet { // a rule not made by NewMaskRule
+			need = requiredLiteral(m.Re)
+		}
+		if need != nil && !bytes.Contains(r, need) {
+			continue
+		}
 		if m.Re.Match(r) {
 			r = m.Re.ReplaceAll(r, m.Replace)
 		}

@@ -264,7 +264,7 @@ func Start(ctx context.Context, o Options) (_ *Replica, err error) {
 		if mk.Re == nil {
 			return nil, fmt.Errorf("proxy: mask %q is not compiled", mk.Pattern)
 		}
-		r.masks = append(r.masks, MaskRule{Re: mk.Re, Replace: []byte(mk.Replace)})
+		r.masks = append(r.masks, NewMaskRule(mk.Re, []byte(mk.Replace)))
 	}
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	defer func() {
