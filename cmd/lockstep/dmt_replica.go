@@ -3,6 +3,8 @@ package main
 import (
 	"path/filepath"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"lockstep/configs"
 	"lockstep/dmt"
 	"lockstep/proxy"
@@ -27,6 +29,14 @@ func jointSched(cfg *configs.Config, opts *proxy.Options, dataDir string) ([]str
 		return nil, err
 	}
 	opts.NewFeeder = proxy.NewDMTFeeder(proxy.DMTFeederOptions{Chan: ch})
+	// The runtime's counters (turns, wait time, operations by kind) are
+	// served with the replica's metrics.
+	if opts.Registry == nil {
+		opts.Registry = prometheus.NewRegistry()
+	}
+	if err := opts.Registry.Register(dmt.NewCollector(shm)); err != nil {
+		return nil, err
+	}
 	// A request of the health check would never be admitted (it is not in
 	// the log): a TCP connect is all the server can be asked.
 	cfg.Server.Health.HTTP = ""
