@@ -19,6 +19,7 @@ import (
 const apacheConf = `ServerRoot "{{dir}}"
 ServerName lockstep
 Listen 127.0.0.1:{{port}}
+Listen 127.0.0.1:{{port2}}
 PidFile "{{dir}}/httpd.pid"
 DefaultRuntimeDir "{{dir}}"
 Mutex file:{{dir}} default
@@ -75,8 +76,9 @@ func apacheUnderDMT(t *testing.T, mpm string, abFlags ...[]string) {
 	if err := os.WriteFile(filepath.Join(dir, "htdocs", "index.html"), []byte(page), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	port := freePort(t)
-	conf := strings.NewReplacer("{{dir}}", dir, "{{port}}", fmt.Sprint(port), "{{mpm}}", mpm).Replace(apacheConf)
+	port, port2 := freePort(t), freePort(t)
+	conf := strings.NewReplacer("{{dir}}", dir, "{{port}}", fmt.Sprint(port), "{{port2}}", fmt.Sprint(port2),
+		"{{mpm}}", mpm).Replace(apacheConf)
 	if err := os.WriteFile(filepath.Join(dir, "apache2.conf"), []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -140,6 +142,26 @@ func apacheUnderDMT(t *testing.T, mpm string, abFlags ...[]string) {
 			t.Fatalf("ab %v: complete %s, failed %s\n%s\n%s", flags, complete, failed, res, logs())
 		}
 		t.Logf("%s, ab -c 8 -n 500 %v: 0 failed, %s req/s", mpm, flags, abField(res, "Requests per second"))
+	}
+	// A second listening socket, loaded together with the first: the
+	// listener thread polls both under the runtime.
+	url2 := fmt.Sprintf("http://127.0.0.1:%d/", port2)
+	type abResult struct {
+		out []byte
+		err error
+	}
+	both := make(chan abResult, 2)
+	for _, u := range []string{url, url2} {
+		go func(u string) {
+			out, err := exec.Command("ab", "-q", "-c", "4", "-n", "200", "-s", "30", u).CombinedOutput()
+			both <- abResult{out, err}
+		}(u)
+	}
+	for i := 0; i < 2; i++ {
+		r := <-both
+		if r.err != nil || abField(r.out, "Complete requests") != "200" || abField(r.out, "Failed requests") != "0" {
+			t.Fatalf("two listening sockets: %v\n%s\n%s", r.err, r.out, logs())
+		}
 	}
 
 	st, err := ReadStats(shm)
