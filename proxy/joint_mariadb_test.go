@@ -25,8 +25,8 @@ import (
 // LOCKSTEP_JOINT_MARIADB=1 (LOCKSTEP_SYSBENCH_SECONDS, default 60).
 // Output digests are not required to agree (see the end).
 func TestMariaDBJointSched(t *testing.T) {
-	if os.Getenv("LOCKSTEP_JOINT_MARIADB") == "" {
-		t.Skip("long: set LOCKSTEP_JOINT_MARIADB=1 to run")
+	if os.Getenv("LOCKSTEP_JOINT_MARIADB") == "" && os.Getenv("LOCKSTEP_SOAK") == "" {
+		t.Skip("long: set LOCKSTEP_JOINT_MARIADB=1 (or LOCKSTEP_SOAK=1) to run")
 	}
 	need(t, "/usr/sbin/mariadbd", "mariadb-install-db", "mariadb", "sysbench")
 	lib, _ := buildRacy(t)
