@@ -157,7 +157,11 @@ func Markdown(title, unit string, sums []Summary) string {
 		fmt.Fprintf(&b, "| %s | %d | %.1f | %s | %.3f | %.3f | %.3f | %d |", s.Mode, s.Rounds, s.Throughput, ratio,
 			s.MeanMS, s.P50MS, s.P99MS, s.Failed)
 		for _, k := range extras {
-			fmt.Fprintf(&b, " %.1f |", s.Extra[k])
+			if v, ok := s.Extra[k]; ok {
+				fmt.Fprintf(&b, " %.1f |", v)
+			} else {
+				b.WriteString(" - |") // not measured in this mode
+			}
 		}
 		b.WriteString("\n")
 	}

@@ -83,7 +83,7 @@ func TestReport(t *testing.T) {
 		t.Fatalf("summaries %+v", sums)
 	}
 	md := Markdown("", "req/s", sums)
-	if !strings.Contains(md, "| proxy_only | 1 | 99.0 | 90.0% |") {
+	if !strings.Contains(md, "| proxy_only | 1 | 99.0 | 90.0% |") || !strings.Contains(md, "| 0 | - |") {
 		t.Fatalf("markdown:\n%s", md)
 	}
 	var buf bytes.Buffer
