@@ -56,16 +56,12 @@ func runContainerReplica(cfg *configs.Config, id uint64, dataDir string, join bo
 		if err != nil {
 			return err
 		}
-		log.Infof("replica %d: clients at %s, admin at http://%s/status", id, r.ClientAddr(), r.AdminAddr())
-		select {
-		case <-ctx.Done():
-			log.Info("stopping")
-			r.Stop()
+		interrupted, err := serveReplica(ctx, r, id, log)
+		if interrupted {
 			return nil
-		case <-r.Done():
 		}
-		if !errors.Is(r.Err(), proxy.ErrRebuild) {
-			return r.Err()
+		if !errors.Is(err, proxy.ErrRebuild) {
+			return err
 		}
 		if err := os.WriteFile(marker, nil, 0o644); err != nil {
 			return err

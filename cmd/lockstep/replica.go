@@ -137,14 +137,21 @@ func runReplica(cfg *configs.Config, id uint64, dataDir string, join, useDMT boo
 	if err != nil {
 		return err
 	}
+	_, err = serveReplica(ctx, r, id, log)
+	return err
+}
+
+// serveReplica announces a started replica and runs it until ctx ends (it
+// is stopped: interrupted true) or it stops by itself (its error).
+func serveReplica(ctx context.Context, r *proxy.Replica, id uint64, log logrus.FieldLogger) (interrupted bool, err error) {
 	log.Infof("replica %d: clients at %s, admin at http://%s/status", id, r.ClientAddr(), r.AdminAddr())
 	select {
 	case <-ctx.Done():
 		log.Info("stopping")
 		r.Stop()
-		return nil
+		return true, nil
 	case <-r.Done():
-		return r.Err()
+		return false, r.Err()
 	}
 }
 
