@@ -344,15 +344,22 @@ func (c *checkpointer) fetchAndCompact(ref CheckpointRef) {
 		return
 	}
 	c.mu.Lock()
-	if ref.Index > c.compacted {
-		c.compacted, c.compactedID = ref.Index, ref.ID
-	}
 	keepID := c.compactedID
+	if ref.Index > c.compacted {
+		keepID = ref.ID
+	}
 	c.mu.Unlock()
 	// Never the one the log is compacted at, whatever newer ones exist.
+	// Pruned before the compaction is published so that /status never
+	// shows the new compaction point beside more than Keep checkpoints.
 	if _, err := c.store.PruneExcept(c.o.Keep, keepID); err != nil {
 		c.r.log.WithError(err).Warn("proxy: pruning checkpoints")
 	}
+	c.mu.Lock()
+	if ref.Index > c.compacted {
+		c.compacted, c.compactedID = ref.Index, ref.ID
+	}
+	c.mu.Unlock()
 	c.r.log.Infof("proxy: log compacted at index %d (checkpoint %s of replica %d)", ref.Index, ref.ID, ref.Replica)
 }
 
