@@ -23,6 +23,7 @@ import (
 
 	"go.etcd.io/raft/v3"
 	"go.etcd.io/raft/v3/raftpb"
+	"go.etcd.io/raft/v3/tracker"
 
 	"lockstep/paxos/transport"
 	"lockstep/paxos/wal"
@@ -106,10 +107,15 @@ type Node struct {
 
 	// Owned by the loop goroutine.
 	confState raftpb.ConfState
-	members   map[uint64]string
-	soft      raft.SoftState
-	term      uint64
-	commit    uint64
+	// Copies of members and learners for Status, rebuilt only when
+	// viewsStale says they changed.
+	membersView  map[uint64]string
+	learnersView []uint64
+	viewsStale   bool
+	members      map[uint64]string
+	soft         raft.SoftState
+	term         uint64
+	commit       uint64
 
 	applied atomic.Uint64
 	status  atomic.Pointer[Status]
@@ -136,6 +142,7 @@ func Start(cfg Config) (*Node, error) {
 		members:   map[uint64]string{},
 	}
 	n.props.wake = make(chan struct{}, 1)
+	n.props.lazyDelay = max(cfg.LazyDelay, 0)
 	n.waiters.m = map[uint64]*waiter{}
 	n.waiters.prefix = cfg.ID<<48 | rand.Uint64()&(1<<47-1)<<1
 
@@ -172,6 +179,7 @@ func Start(cfg Config) (*Node, error) {
 		}
 		n.members = members
 		n.confState = snap.Metadata.ConfState
+		n.viewsStale = true
 		restored = &Snapshot{Index: snap.Metadata.Index, Term: snap.Metadata.Term, Data: data}
 	}
 	ents := st.Entries
@@ -495,7 +503,9 @@ func (n *Node) loop(tick <-chan time.Time) error {
 		case f := <-n.ctlc:
 			f()
 		}
-		if n.rn.HasReady() {
+		// Advance may move the commit index (our own append counts only
+		// then), so look again rather than wait for the next event.
+		for n.rn.HasReady() {
 			if err := n.handleReady(n.rn.Ready()); err != nil {
 				return err
 			}
@@ -619,6 +629,7 @@ func (n *Node) installSnapshot(snap raftpb.Snapshot) error {
 		return fmt.Errorf("paxos: %w", err)
 	}
 	n.confState = snap.Metadata.ConfState
+	n.viewsStale = true
 	n.setMembers(members)
 	n.commit = snap.Metadata.Index
 	n.queueApply(Apply{Snapshot: &Snapshot{Index: snap.Metadata.Index, Term: snap.Metadata.Term, Data: data}})
@@ -638,6 +649,7 @@ func (n *Node) setMembers(members map[uint64]string) {
 		}
 	}
 	n.members = members
+	n.viewsStale = true
 }
 
 func (n *Node) applyCommitted(ents []raftpb.Entry) {
@@ -673,6 +685,7 @@ func (n *Node) applyCommitted(ents []raftpb.Entry) {
 
 func (n *Node) applyConfChange(cc raftpb.ConfChange) {
 	n.confState = *n.rn.ApplyConfChange(cc)
+	n.viewsStale = true
 	switch cc.Type {
 	case raftpb.ConfChangeAddNode, raftpb.ConfChangeAddLearnerNode:
 		if len(cc.Context) > 0 {
@@ -721,21 +734,28 @@ func (n *Node) compact(index uint64, data []byte) error {
 	return nil
 }
 
+// publishStatus is called after every Ready: it avoids raft's Status,
+// which allocates the whole progress map each time.
 func (n *Node) publishStatus() {
-	st := n.rn.Status()
+	st := n.rn.BasicStatus()
+	if n.viewsStale || n.membersView == nil {
+		n.membersView = make(map[uint64]string, len(n.members))
+		for id, addr := range n.members {
+			n.membersView[id] = addr
+		}
+		n.learnersView = append([]uint64(nil), n.confState.Learners...)
+		n.viewsStale = false
+	}
 	s := &Status{
 		ID: n.cfg.ID, Role: roleName(st.RaftState), Leader: st.Lead, Term: st.Term,
-		Commit: st.Commit, Applied: n.applied.Load(), Members: make(map[uint64]string, len(n.members)),
-		Learners: append([]uint64(nil), n.confState.Learners...),
-	}
-	for id, addr := range n.members {
-		s.Members[id] = addr
+		Commit: st.Commit, Applied: n.applied.Load(), Members: n.membersView,
+		Learners: n.learnersView,
 	}
 	if st.RaftState == raft.StateLeader {
-		s.Match = map[uint64]uint64{}
-		for id, pr := range st.Progress {
+		s.Match = make(map[uint64]uint64, len(n.membersView))
+		n.rn.WithProgress(func(id uint64, _ raft.ProgressType, pr tracker.Progress) {
 			s.Match[id] = pr.Match
-		}
+		})
 	}
 	n.status.Store(s)
 }
