@@ -21,18 +21,15 @@ type ProposeResult struct {
 // application must be able to recognize. Cancelling ctx only stops the
 // wait; the proposal may still be committed.
 func (n *Node) ProposeAsync(ctx context.Context, data []byte) <-chan ProposeResult {
-	out := make(chan ProposeResult, 1)
-	w := n.waiters.add()
-	buf := make([]byte, 8+len(data))
-	binary.BigEndian.PutUint64(buf, w.id)
-	copy(buf[8:], data)
-	if !n.props.push(proposal{id: w.id, data: buf}) {
-		n.waiters.remove(w.id)
-		out <- ProposeResult{Err: ErrStopped}
-		return out
-	}
-	go n.await(ctx, w, out)
-	return out
+	return n.proposeAsync(ctx, false, data)[0]
+}
+
+// ProposeAsyncLazy is ProposeAsync for an entry that is in no hurry: it
+// waits up to Config.LazyDelay for another proposal to share its round
+// (its fsync and its messages) instead of taking one of its own. Its order
+// relative to other proposals is still the order of the calls.
+func (n *Node) ProposeAsyncLazy(ctx context.Context, data []byte) <-chan ProposeResult {
+	return n.proposeAsync(ctx, true, data)[0]
 }
 
 // ProposeAsyncBatch is ProposeAsync for several entries at once: they are
@@ -40,6 +37,10 @@ func (n *Node) ProposeAsync(ctx context.Context, data []byte) <-chan ProposeResu
 // they normally commit in one round (one fsync) rather than one after the
 // other.
 func (n *Node) ProposeAsyncBatch(ctx context.Context, data ...[]byte) []<-chan ProposeResult {
+	return n.proposeAsync(ctx, false, data...)
+}
+
+func (n *Node) proposeAsync(ctx context.Context, lazy bool, data ...[]byte) []<-chan ProposeResult {
 	outs := make([]<-chan ProposeResult, len(data))
 	ws := make([]*waiter, len(data))
 	props := make([]proposal, len(data))
@@ -50,23 +51,11 @@ func (n *Node) ProposeAsyncBatch(ctx context.Context, data ...[]byte) []<-chan P
 		copy(buf[8:], d)
 		props[i] = proposal{id: ws[i].id, data: buf}
 	}
-	p := &n.props
-	p.mu.Lock()
-	closed := p.closed
-	if !closed {
-		p.q = append(p.q, props...)
-	}
-	p.mu.Unlock()
-	if !closed {
-		select {
-		case p.wake <- struct{}{}:
-		default:
-		}
-	}
+	queued := n.props.pushAll(lazy, props...)
 	for i, w := range ws {
 		out := make(chan ProposeResult, 1)
 		outs[i] = out
-		if closed {
+		if !queued {
 			n.waiters.remove(w.id)
 			out <- ProposeResult{Err: ErrStopped}
 			continue

@@ -37,6 +37,9 @@ type Config struct {
 	NoSync bool
 	// MaxBatch bounds how many proposals one raft step carries.
 	MaxBatch int
+	// LazyDelay is the longest a ProposeAsyncLazy entry waits for an
+	// eager proposal to ride with (default 2ms; negative: no wait).
+	LazyDelay time.Duration
 	// SegmentSize of WAL files.
 	SegmentSize int64
 	// KeepEntries are kept below a snapshot so that a slightly slow
@@ -82,6 +85,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.MaxBatch == 0 {
 		c.MaxBatch = 4096
+	}
+	if c.LazyDelay == 0 {
+		c.LazyDelay = 2 * time.Millisecond
 	}
 	if c.KeepEntries == 0 {
 		c.KeepEntries = 4096

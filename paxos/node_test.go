@@ -79,6 +79,8 @@ type testCluster struct {
 	peers map[uint64]string
 	nodes map[uint64]*Node
 	apps  map[uint64]*testApp
+	// adjust changes each node's config before it starts.
+	adjust func(*Config)
 }
 
 func freePort(t *testing.T) string {
@@ -91,7 +93,12 @@ func freePort(t *testing.T) string {
 }
 
 func newTestCluster(t *testing.T, n int) *testCluster {
-	c := &testCluster{t: t, dir: t.TempDir(), peers: map[uint64]string{}, nodes: map[uint64]*Node{}, apps: map[uint64]*testApp{}}
+	return newTestClusterWith(t, n, nil)
+}
+
+// newTestClusterWith lets a test change its nodes' config.
+func newTestClusterWith(t *testing.T, n int, adjust func(*Config)) *testCluster {
+	c := &testCluster{adjust: adjust, t: t, dir: t.TempDir(), peers: map[uint64]string{}, nodes: map[uint64]*Node{}, apps: map[uint64]*testApp{}}
 	for i := uint64(1); i <= uint64(n); i++ {
 		c.peers[i] = freePort(t)
 	}
@@ -105,9 +112,13 @@ func newTestCluster(t *testing.T, n int) *testCluster {
 func (c *testCluster) config(id uint64, join bool) Config {
 	log := logrus.New()
 	log.SetLevel(logrus.ErrorLevel)
-	return Config{ID: id, ClusterID: 7, Peers: c.peers, Join: join, Listen: c.peers[id],
+	cfg := Config{ID: id, ClusterID: 7, Peers: c.peers, Join: join, Listen: c.peers[id],
 		DataDir: filepath.Join(c.dir, fmt.Sprint(id)), Tick: 20 * time.Millisecond, KeepEntries: 10,
 		Logger: log}
+	if c.adjust != nil {
+		c.adjust(&cfg)
+	}
+	return cfg
 }
 
 func (c *testCluster) start(id uint64, join bool) {

@@ -2,6 +2,7 @@ package paxos
 
 import (
 	"sync"
+	"time"
 )
 
 type proposal struct {
@@ -12,32 +13,55 @@ type proposal struct {
 // proposalQueue collects proposals from many goroutines so that the loop
 // takes them all at once: the batching that lets one Ready, one fsync and
 // one network write serve many clients.
+//
+// A lazy proposal does not wake the loop: it rides with the next eager one,
+// or goes on its own after lazyDelay. An entry nobody waits for (a server's
+// close, say) then costs no round and no fsync of its own.
 type proposalQueue struct {
-	mu     sync.Mutex
-	q      []proposal
-	closed bool
-	wake   chan struct{}
+	mu        sync.Mutex
+	q         []proposal
+	closed    bool
+	wake      chan struct{}
+	lazyDelay time.Duration
+	lazyArmed bool // a timer will wake the loop for the lazy ones queued
 }
 
-func (p *proposalQueue) push(pr proposal) bool {
+func (p *proposalQueue) push(pr proposal) bool { return p.pushAll(false, pr) }
+
+// pushAll queues prs together, in order.
+func (p *proposalQueue) pushAll(lazy bool, prs ...proposal) bool {
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
 		return false
 	}
-	p.q = append(p.q, pr)
+	p.q = append(p.q, prs...)
+	if lazy && p.lazyDelay > 0 {
+		if !p.lazyArmed {
+			p.lazyArmed = true
+			time.AfterFunc(p.lazyDelay, p.signal)
+		}
+		p.mu.Unlock()
+		return true
+	}
 	p.mu.Unlock()
+	p.signal()
+	return true
+}
+
+func (p *proposalQueue) signal() {
 	select {
 	case p.wake <- struct{}{}:
 	default:
 	}
-	return true
 }
 
 func (p *proposalQueue) take() []proposal {
 	p.mu.Lock()
 	q := p.q
 	p.q = nil
+	// A timer still armed fires into an empty queue: a harmless wake-up.
+	p.lazyArmed = false
 	p.mu.Unlock()
 	return q
 }

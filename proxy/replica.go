@@ -766,7 +766,8 @@ func (r *Replica) flushDigests() {
 				continue
 			}
 			ctx, cancel := context.WithTimeout(r.ctx, 10*time.Second)
-			ch := r.node.ProposeAsync(ctx, EncodeEvent(Event{Type: Digest, Replica: r.o.ID, Reports: batch}))
+			// Lazy: digests ride with client traffic when there is some.
+			ch := r.node.ProposeAsyncLazy(ctx, EncodeEvent(Event{Type: Digest, Replica: r.o.ID, Reports: batch}))
 			r.m.proposed.WithLabelValues(Digest.String()).Inc()
 			n := len(batch)
 			go func() {

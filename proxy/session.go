@@ -285,13 +285,22 @@ func (s *session) proposeConnectData(connect, data []byte, n int) {
 
 // proposeOnce proposes an event outside the client's stream order
 // (closes), without waiting.
-func (s *session) proposeOnce(ev Event) {
+func (s *session) proposeOnce(ev Event) { s.proposeOutOfStream(ev, false) }
+
+// proposeOutOfStream proposes ev without waiting; a lazy one shares the
+// round of the next proposal (a graceful server close is in no hurry: the
+// client already saw it).
+func (s *session) proposeOutOfStream(ev Event, lazy bool) {
 	r := s.r
 	if !r.leadingIn(s.term) {
 		return
 	}
 	r.m.proposed.WithLabelValues(ev.Type.String()).Inc()
-	ch := r.node.ProposeAsync(r.ctx, EncodeEvent(ev))
+	propose := r.node.ProposeAsync
+	if lazy {
+		propose = r.node.ProposeAsyncLazy
+	}
+	ch := propose(r.ctx, EncodeEvent(ev))
 	go func() {
 		if res := <-ch; res.Err != nil {
 			r.m.proposeFailed.WithLabelValues(ev.Type.String()).Inc()
@@ -471,7 +480,7 @@ func (s *session) serverEOF(err error) {
 		s.outMu.Lock()
 		_ = s.c.CloseWrite()
 		s.outMu.Unlock()
-		s.proposeOnce(Event{Type: ServerClose, Conn: s.id})
+		s.proposeOutOfStream(Event{Type: ServerClose, Conn: s.id}, true)
 		// Keep reading (and dropping) what the client still sends, for a
 		// while, as a server's lingering close would.
 		_ = s.c.SetReadDeadline(time.Now().Add(s.r.o.Linger))
