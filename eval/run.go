@@ -139,7 +139,11 @@ func validMode(m string) bool {
 // runPrepare runs the config's client.prepare once from the client
 // namespace (e.g. sysbench prepare), keeping its output beside the rounds'.
 func runPrepare(ctx context.Context, d *Deployment, argv []string, dir string) error {
-	cmd, err := d.ClientCommand(ctx, argv, 0)
+	leader, err := d.Leader(ctx)
+	if err != nil {
+		return err
+	}
+	cmd, err := d.ClientCommand(ctx, argv, leader)
 	if err != nil {
 		return err
 	}
@@ -169,7 +173,11 @@ func runClient(ctx context.Context, d *Deployment, parser string, argv []string,
 		csvPath = filepath.Join(dir, fmt.Sprintf("ab-%d.csv", round))
 		argv = append([]string{argv[0], "-e", csvPath}, argv[1:]...)
 	}
-	cmd, err := d.ClientCommand(ctx, argv, round-1)
+	leader, err := d.Leader(ctx)
+	if err != nil {
+		return Measurement{}, err
+	}
+	cmd, err := d.ClientCommand(ctx, argv, leader)
 	if err != nil {
 		return Measurement{}, err
 	}

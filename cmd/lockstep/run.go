@@ -38,9 +38,11 @@ server copy and data directory and, optionally, a CPU quota per namespace.
 
 Without a command it prints where clients connect and keeps the cluster up
 until interrupted. With -- COMMAND ARGS it runs the command in the client
-namespace with LOCKSTEP_ADDR=host:port of replica 1 in its environment, tears
-the cluster down when it exits and exits with its status. Leftovers of a
-crashed earlier run are removed first.
+namespace with LOCKSTEP_ADDR=host:port of the leader in its environment, tears
+the cluster down when it exits and exits with its status. Each run is a new
+cluster: leftovers of a crashed earlier run and the work directory of the last
+run (its logs, replica logs and server copies, kept until then for a look) are
+removed first.
 
 Modes: ` + strings.Join(configs.Modes, ", "),
 		Args: cobra.ArbitraryArgs,
@@ -51,6 +53,12 @@ Modes: ` + strings.Join(configs.Modes, ", "),
 			}
 			if workDir == "" {
 				workDir = filepath.Join(cfg.Cluster.DataDir, "run-"+mode)
+			}
+			// A run is a new cluster: the last run's log would otherwise be
+			// replayed into the fresh server copies, competing with the
+			// client for the whole run.
+			if err := freshWorkDir(workDir); err != nil {
+				return err
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -78,7 +86,11 @@ Modes: ` + strings.Join(configs.Modes, ", "),
 				<-ctx.Done()
 				return nil
 			}
-			c, err := d.ClientCommand(ctx, args, 0)
+			leader, err := d.Leader(ctx)
+			if err != nil {
+				return err
+			}
+			c, err := d.ClientCommand(ctx, args, leader)
 			if err != nil {
 				return err
 			}
@@ -124,7 +136,7 @@ with each mode's throughput relative to the first mode) and <app>.png.`,
 			if workDir == "" {
 				workDir = filepath.Join(cfg.Cluster.DataDir, "eval")
 			}
-			if err := os.RemoveAll(workDir); err != nil {
+			if err := freshWorkDir(workDir); err != nil {
 				return err
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -150,4 +162,43 @@ with each mode's throughput relative to the first mode) and <app>.png.`,
 	f.StringVar(&workDir, "work-dir", "", "scratch space (default: <data_dir>/eval)")
 	_ = cmd.MarkFlagRequired("config")
 	return cmd
+}
+
+// workDirMark marks a directory as a lockstep run's or eval's scratch space,
+// which the next run may wipe.
+const workDirMark = ".lockstep-workdir"
+
+// freshWorkDir empties dir for a new cluster. It refuses a directory that
+// has files but is not marked as ours, so that a mistyped --work-dir never
+// deletes someone's data.
+func freshWorkDir(dir string) error {
+	ents, err := os.ReadDir(dir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return err
+	case len(ents) > 0:
+		if !isWorkDir(dir) {
+			return fmt.Errorf("%s is not empty and not a lockstep work directory (no %s); refusing to wipe it", dir, workDirMark)
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			return err
+		}
+	}
+	// Servers run as other users (www-data) under it: world-searchable.
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, workDirMark), []byte("scratch space of lockstep run/eval; wiped by the next one\n"), 0o644)
+}
+
+// isWorkDir: dir has our mark, or the layout a run (cluster.toml) or an
+// eval (a folder per mode) left before there was a mark.
+func isWorkDir(dir string) bool {
+	for _, name := range append([]string{workDirMark, "cluster.toml"}, configs.Modes...) {
+		if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
+			return true
+		}
+	}
+	return false
 }
