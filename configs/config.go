@@ -159,10 +159,17 @@ type Output struct {
 	Mask []Mask `toml:"mask"`
 }
 
-// Mask replaces every match of Pattern (a Go regexp) by Replace.
+// Mask is one of two kinds. A pattern mask replaces every match of
+// Pattern (a Go regexp, applied to each line of the output) by Replace. A
+// byte mask (Length > 0) blanks Length bytes from Offset, counted from the
+// start of each connection's output: for binary protocols, whose random
+// bytes sit at fixed places (MariaDB's login challenge) and which a
+// regexp, working on UTF-8 text and cut at newlines, cannot pin down.
 type Mask struct {
 	Pattern string         `toml:"pattern"`
 	Replace string         `toml:"replace"`
+	Offset  int64          `toml:"offset"`
+	Length  int64          `toml:"length"`
 	Re      *regexp.Regexp `toml:"-"`
 }
 
@@ -336,11 +343,24 @@ func (c *Config) validate() error {
 		return bad("server.health.http", "%q must be a path starting with /", c.Server.Health.HTTP)
 	}
 	for i := range c.Output.Mask {
-		re, err := regexp.Compile(c.Output.Mask[i].Pattern)
+		m := &c.Output.Mask[i]
+		switch {
+		case m.Length < 0 || m.Offset < 0:
+			return bad("output.mask.offset", "offset and length must not be negative, got %d and %d", m.Offset, m.Length)
+		case m.Length > 0 && (m.Pattern != "" || m.Replace != ""):
+			return bad("output.mask.length", "a mask is either a pattern or a byte range (offset, length), not both")
+		case m.Length > 0:
+			continue
+		case m.Offset > 0:
+			return bad("output.mask.length", "a byte range needs a length")
+		case m.Pattern == "":
+			return bad("output.mask.pattern", "a mask needs a pattern or a byte range (offset, length)")
+		}
+		re, err := regexp.Compile(m.Pattern)
 		if err != nil {
 			return bad("output.mask.pattern", "%v", err)
 		}
-		c.Output.Mask[i].Re = re
+		m.Re = re
 	}
 	if c.Checkpoint.Keep < 1 {
 		return bad("checkpoint.keep", "must be at least 1, got %d", c.Checkpoint.Keep)

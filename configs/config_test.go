@@ -69,6 +69,9 @@ func TestParseErrorsNameFieldAndLine(t *testing.T) {
 		{"bad listen", `listen = "127.0.0.1:8081"`, `listen = "nowhere"`, "web.toml:20: server.listen:"},
 		{"duplicate id", "id = 2", "id = 1", "cluster.replica.id: 1 appears twice"},
 		{"bad regexp", `pattern = "Date: [^\r]*"`, `pattern = "Date: [^"`, "web.toml:26: output.mask.pattern:"},
+		{"pattern and range", `replace = "Date: -"`, "replace = \"Date: -\"\noffset = 3\nlength = 4", "output.mask.length: a mask is either a pattern or a byte range"},
+		{"range without length", `pattern = "Date: [^\r]*"
+replace = "Date: -"`, `offset = 9`, "output.mask.length: a byte range needs a length"},
 		{"bad parser", `parser = "ab"`, `parser = "wrk2"`, "web.toml:31: client.parser:"},
 		{"no start", `start = ["/usr/sbin/apache2", "-f", "{{.Dir}}/apache2.conf", "-DFOREGROUND"]`, ``, "server.start: a command line"},
 		{"bad name", `name = "web"`, `name = "Web Server"`, "web.toml:2: name:"},

@@ -184,9 +184,10 @@
 // their real timing; threads blocked in the kernel on other calls come
 // back at the kernel's time (as in xtern_only; the safety net too); a
 // connection's reset may overtake its last admitted bytes; EPOLLET is
-// answered level-triggered. MariaDB runs (sysbench completes and every
-// replica's tables checksum alike), but its InnoDB threads wait for I/O in
-// the kernel, so its schedules drift apart and its output digests diverge.
+// answered level-triggered. MariaDB runs (sysbench completes, every
+// replica's tables checksum alike and every reply agrees but for the
+// random login challenge, which configs/mariadb.toml masks), although its
+// InnoDB threads wait for I/O in the kernel at the kernel's timing.
 // Input is admitted one entry per admission
 // point, so a request whose bytes arrive while the server computes waits
 // up to a quantum.

@@ -76,9 +76,19 @@ func requiredLiteral(re *regexp.Regexp) []byte {
 	return []byte(string(best))
 }
 
+// ByteRange masks Len bytes from Off, counted from the start of a
+// connection's output; they are blanked before records are cut.
+type ByteRange struct{ Off, Len uint64 }
+
+// rangeFill replaces masked bytes. It is not '\n', so that a masked range
+// never changes where records are cut.
+const rangeFill = '-'
+
 type digester struct {
 	conn    uint64
 	masks   []MaskRule
+	ranges  []ByteRange
+	raw     uint64 // output bytes seen, before masking
 	h       hash.Hash
 	pending []byte
 	n       uint64 // masked bytes so far
@@ -88,12 +98,39 @@ type digester struct {
 	emit    func(DigestReport)
 }
 
-func newDigester(conn uint64, masks []MaskRule, emit func(DigestReport)) *digester {
-	return &digester{conn: conn, masks: masks, h: sha256.New(), emit: emit}
+func newDigester(conn uint64, masks []MaskRule, ranges []ByteRange, emit func(DigestReport)) *digester {
+	return &digester{conn: conn, masks: masks, ranges: ranges, h: sha256.New(), emit: emit}
+}
+
+// blank returns b with the bytes of the masked ranges it covers replaced,
+// in a copy (b is the caller's); b itself when none is covered.
+func (d *digester) blank(b []byte) []byte {
+	start, end := d.raw, d.raw+uint64(len(b))
+	d.raw = end
+	var out []byte
+	for _, r := range d.ranges {
+		lo, hi := max(r.Off, start), min(r.Off+r.Len, end)
+		if lo >= hi {
+			continue
+		}
+		if out == nil {
+			out = append([]byte(nil), b...)
+		}
+		for i := lo; i < hi; i++ {
+			out[i-start] = rangeFill
+		}
+	}
+	if out == nil {
+		return b
+	}
+	return out
 }
 
 // Write digests more output.
 func (d *digester) Write(b []byte) {
+	if len(d.ranges) > 0 {
+		b = d.blank(b)
+	}
 	for len(b) > 0 {
 		i := bytes.IndexByte(b, '\n')
 		take := len(b)

@@ -98,7 +98,7 @@ func FuzzDecodeEvent(f *testing.F) {
 // collectDigests digests output fed in the given chunks.
 func collectDigests(masks []MaskRule, chunks ...[]byte) []DigestReport {
 	var out []DigestReport
-	d := newDigester(1, masks, func(r DigestReport) { out = append(out, r) })
+	d := newDigester(1, masks, nil, func(r DigestReport) { out = append(out, r) })
 	for _, c := range chunks {
 		d.Write(c)
 	}
@@ -152,7 +152,7 @@ func TestDigestCheckpointsArePrefixes(t *testing.T) {
 	}
 	// A stream cut short has a prefix of the checkpoints (but the last).
 	var out []DigestReport
-	d := newDigester(1, nil, func(r DigestReport) { out = append(out, r) })
+	d := newDigester(1, nil, nil, func(r DigestReport) { out = append(out, r) })
 	d.Write(big[:len(big)/2])
 	if len(out) == 0 || !reflect.DeepEqual(out, full[:len(out)]) {
 		t.Fatal("a truncated stream's checkpoints are not a prefix")
@@ -202,13 +202,50 @@ func TestRequiredLiteral(t *testing.T) {
 	// The shortcut never changes what is masked.
 	m := NewMaskRule(regexp.MustCompile(`(?m)^Date: [^\r\n]*`), []byte("Date: -"))
 	var a, b []DigestReport
-	da := newDigester(1, []MaskRule{m}, func(r DigestReport) { a = append(a, r) })
-	db := newDigester(1, []MaskRule{{Re: m.Re, Replace: m.Replace}}, func(r DigestReport) { b = append(b, r) })
+	da := newDigester(1, []MaskRule{m}, nil, func(r DigestReport) { a = append(a, r) })
+	db := newDigester(1, []MaskRule{{Re: m.Re, Replace: m.Replace}}, nil, func(r DigestReport) { b = append(b, r) })
 	for _, d := range []*digester{da, db} {
 		d.Write([]byte("HTTP/1.1 200 OK\r\nDate: Sun, 22 Nov 2026 08:00:00 GMT\r\nServer: x\r\n\r\nbody"))
 		d.EOF()
 	}
 	if len(a) == 0 || fmt.Sprint(a) != fmt.Sprint(b) {
 		t.Fatalf("digests differ with the shortcut: %v vs %v", a, b)
+	}
+}
+
+// Byte-range masks blank the same stream offsets whatever the chunking,
+// also when the random bytes hold a newline (which must not move the
+// records' cuts); bytes outside the ranges still count.
+func TestDigestByteRanges(t *testing.T) {
+	ranges := []ByteRange{{Off: 9, Len: 8}, {Off: 30, Len: 4}}
+	digests := func(stream []byte, chunk int) []DigestReport {
+		var out []DigestReport
+		d := newDigester(1, nil, ranges, func(r DigestReport) { out = append(out, r) })
+		orig := append([]byte(nil), stream...)
+		for rest := stream; len(rest) > 0; {
+			k := min(len(rest), chunk)
+			d.Write(rest[:k])
+			rest = rest[k:]
+		}
+		d.EOF()
+		if !bytes.Equal(orig, stream) {
+			t.Fatal("the digester changed its caller's bytes")
+		}
+		return out
+	}
+	base := []byte("greeting:ABCDEFGH;tail\nmore:     WXYZ and the rest\n")
+	other := append([]byte(nil), base...)
+	copy(other[9:17], "12\n45678")
+	copy(other[30:34], "\n\n\n\n")
+	want := digests(base, len(base))
+	for _, chunk := range []int{1, 3, 10, len(other)} {
+		if got := digests(other, chunk); !reflect.DeepEqual(got, want) {
+			t.Fatalf("chunks of %d: masked streams differ", chunk)
+		}
+	}
+	changed := append([]byte(nil), base...)
+	changed[17] = '!'
+	if reflect.DeepEqual(digests(changed, 5), want) {
+		t.Fatal("a byte outside the ranges was masked")
 	}
 }

@@ -175,6 +175,7 @@ type Replica struct {
 	srv    Server
 	feeder Feeder
 	masks  []MaskRule
+	ranges []ByteRange
 	ck     *checkpointer
 	// started: the server was started or restored (by the apply loop,
 	// with checkpoints).
@@ -261,6 +262,10 @@ func Start(ctx context.Context, o Options) (_ *Replica, err error) {
 	r.readBufs.New = func() any { b := make([]byte, dataHeaderRoom+o.ReadSize); return &b }
 	r.ucond = sync.NewCond(&r.umu)
 	for _, mk := range o.Masks {
+		if mk.Length > 0 {
+			r.ranges = append(r.ranges, ByteRange{Off: uint64(mk.Offset), Len: uint64(mk.Length)})
+			continue
+		}
 		if mk.Re == nil {
 			return nil, fmt.Errorf("proxy: mask %q is not compiled", mk.Pattern)
 		}
@@ -704,7 +709,7 @@ func (r *Replica) ServerEOF(conn uint64, err error) {
 	r.dmu.Unlock()
 	if err == nil && (r.ck == nil || !r.ck.skipDigest(conn)) {
 		if d == nil {
-			d = newDigester(conn, r.masks, r.addReport)
+			d = newDigester(conn, r.masks, r.ranges, r.addReport)
 		}
 		d.EOF()
 	}
@@ -725,7 +730,7 @@ func (r *Replica) digester(conn uint64) *digester {
 	defer r.dmu.Unlock()
 	d := r.digests[conn]
 	if d == nil {
-		d = newDigester(conn, r.masks, r.addReport)
+		d = newDigester(conn, r.masks, r.ranges, r.addReport)
 		r.digests[conn] = d
 	}
 	return d
