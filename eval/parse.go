@@ -133,8 +133,9 @@ var (
 	sbFatalRe = regexp.MustCompile(`(?m)^FATAL: .*$`)
 )
 
-// ParseSysbench reads sysbench's report (run with --percentile=99). The
-// reported percentile goes to P99MS; sysbench prints no median.
+// ParseSysbench reads sysbench's report. sysbench prints one latency
+// percentile, the one --percentile asks for (default 95): run it with
+// --percentile=99 for the p99 column; a median it never prints.
 func ParseSysbench(out string) (Measurement, error) {
 	var m Measurement
 	if f := sbFatalRe.FindString(out); f != "" {
@@ -152,8 +153,16 @@ func ParseSysbench(out string) (Measurement, error) {
 	if sm := sbAvg.FindStringSubmatch(out); sm != nil {
 		m.MeanMS, _ = strconv.ParseFloat(sm[1], 64)
 	}
+	// Only the percentile asked for is printed (95 unless --percentile=N):
+	// it fills its own column or none, never another's.
 	if sm := sbPct.FindStringSubmatch(out); sm != nil {
-		m.P99MS, _ = strconv.ParseFloat(sm[2], 64)
+		v, _ := strconv.ParseFloat(sm[2], 64)
+		switch sm[1] {
+		case "50":
+			m.P50MS = v
+		case "99":
+			m.P99MS = v
+		}
 	}
 	return m, nil
 }

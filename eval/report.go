@@ -154,8 +154,8 @@ func Markdown(title, unit string, sums []Summary) string {
 		if len(sums) > 0 && sums[0].Throughput > 0 {
 			ratio = fmt.Sprintf("%.1f%%", 100*s.Throughput/sums[0].Throughput)
 		}
-		fmt.Fprintf(&b, "| %s | %d | %.1f | %s | %.3f | %.3f | %.3f | %d |", s.Mode, s.Rounds, s.Throughput, ratio,
-			s.MeanMS, s.P50MS, s.P99MS, s.Failed)
+		fmt.Fprintf(&b, "| %s | %d | %.1f | %s | %s | %s | %s | %d |", s.Mode, s.Rounds, s.Throughput, ratio,
+			ms(s.MeanMS), ms(s.P50MS), ms(s.P99MS), s.Failed)
 		for _, k := range extras {
 			if v, ok := s.Extra[k]; ok {
 				fmt.Fprintf(&b, " %.1f |", v)
@@ -211,4 +211,13 @@ func WritePNG(path, title, unit string, rounds []Round) error {
 	p.NominalX(names...)
 	p.Y.Min = 0
 	return p.Save(6*vg.Inch, 4*vg.Inch, path)
+}
+
+// ms formats a latency; 0 is one the client did not report (sysbench has
+// no median), shown as "-" rather than as a time.
+func ms(v float64) string {
+	if v == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.3f", v)
 }

@@ -66,6 +66,11 @@ func TestParseSysbench(t *testing.T) {
 	if m.Complete != 10003 || m.Throughput != 166.63 || m.Failed != 2 || m.MeanMS != 47.99 || m.P99MS != 132.49 {
 		t.Fatalf("parsed %+v", m)
 	}
+	// Run without --percentile=99, sysbench prints the 95th: no column.
+	m, err = ParseSysbench(strings.Replace(string(out), "99th percentile", "95th percentile", 1))
+	if err != nil || m.P99MS != 0 || m.P50MS != 0 {
+		t.Fatalf("95th percentile parsed as %+v (%v)", m, err)
+	}
 	if _, err := ParseSysbench("FATAL: unable to connect to MySQL server"); err == nil {
 		t.Fatal("FATAL accepted")
 	}
