@@ -136,11 +136,14 @@ type checkpointer struct {
 	compacted uint64
 	// compactedID names the checkpoint of the log's snapshot.
 	compactedID string
-	records     []CheckpointRecord
-	fetchMu     sync.Mutex // one fetch+compact at a time
-	restored    map[uint64]bool
-	prevIndex   uint64
-	catchup     struct {
+	// pastUpTo: the log up to here was committed before this incarnation
+	// started applying it (at its start, or at its restore).
+	pastUpTo  uint64
+	records   []CheckpointRecord
+	fetchMu   sync.Mutex // one fetch+compact at a time
+	restored  map[uint64]bool
+	prevIndex uint64
+	catchup   struct {
 		target uint64
 		start  time.Time
 		ms     float64
@@ -197,6 +200,9 @@ func splitPort(hostport string) (string, string, error) {
 func (c *checkpointer) afterApply(index uint64) {
 	prev := c.prevIndex
 	c.prevIndex = index
+	if prev == 0 {
+		c.notePast(c.r.node.Status().Commit)
+	}
 	c.noteCatchUp(index)
 	if c.o.Every == 0 || prev == 0 || index/c.o.Every == prev/c.o.Every {
 		return
@@ -450,6 +456,9 @@ func (c *checkpointer) restore(s paxos.Snapshot) (uint64, error) {
 		c.latest = &ref
 	}
 	c.catchup.target = r.node.Status().Commit
+	if c.catchup.target > c.pastUpTo {
+		c.pastUpTo = c.catchup.target
+	}
 	c.catchup.start = time.Now()
 	c.catchup.at = ref.Index
 	c.catchup.ms = 0
@@ -505,7 +514,28 @@ func (c *checkpointer) status() CheckpointStatus {
 	return s
 }
 
+// notePast records that the log up to index was committed before this
+// incarnation of the replica started applying it.
+func (c *checkpointer) notePast(index uint64) {
+	c.mu.Lock()
+	if index > c.pastUpTo {
+		c.pastUpTo = index
+	}
+	c.mu.Unlock()
+}
+
 func (c *checkpointer) divergence(d Divergence) {
+	// A divergence the log revealed before this incarnation restored (or
+	// started) is an earlier incarnation's: the log keeps that one's
+	// digest reports and a replay compares them again. Rebuilding for it
+	// would rebuild forever; what this incarnation's server answers is
+	// judged by its own reports, committed later.
+	c.mu.Lock()
+	past := d.Index <= c.pastUpTo
+	c.mu.Unlock()
+	if past {
+		return
+	}
 	if c.o.AutoRebuild && d.Replica == c.r.o.ID {
 		c.rebuildOnce.Do(func() {
 			c.r.log.Warnf("proxy: this replica's output diverged at index %d: rebuilding from a peer's checkpoint", d.Index)
