@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -93,6 +94,16 @@ func RunFeederProcess(args []string) error {
 	log.SetOutput(os.Stderr)
 	log.SetLevel(logrus.WarnLevel)
 
+	if d := os.Getenv("TMPDIR"); d != "" {
+		// The server's temporary files (LXCServer puts them in its data
+		// directory).
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+		if err := os.Chmod(d, 0o1777); err != nil {
+			return err
+		}
+	}
 	env := make([]string, 0, len(os.Environ()))
 	for _, e := range os.Environ() {
 		if !strings.HasPrefix(e, FeederProcessEnv+"=") {
@@ -126,11 +137,22 @@ func RunFeederProcess(args []string) error {
 	if err := waitReady(*addr, *health, *timeout, exited); err != nil {
 		stop()
 		if *logPath != "" {
-			if b, rerr := os.ReadFile(*logPath); rerr == nil {
-				if len(b) > 4096 {
-					b = b[len(b)-4096:]
+			// The server's own logs beside it (its data directory, a
+			// tmpfs gone with the container) tell why it did not start.
+			paths := []string{*logPath}
+			logs, _ := filepath.Glob(filepath.Join(filepath.Dir(*logPath), "*.log"))
+			for _, p := range logs {
+				if p != *logPath {
+					paths = append(paths, p)
 				}
-				err = fmt.Errorf("%w\n--- tail of %s:\n%s", err, *logPath, b)
+			}
+			for _, p := range paths {
+				if b, rerr := os.ReadFile(p); rerr == nil && (p == *logPath || len(b) > 0) {
+					if len(b) > 4096 {
+						b = b[len(b)-4096:]
+					}
+					err = fmt.Errorf("%w\n--- tail of %s:\n%s", err, p, b)
+				}
 			}
 		}
 		return err
@@ -143,7 +165,7 @@ func RunFeederProcess(args []string) error {
 	}
 	fp := &feedProc{log: log}
 	fp.tcp = NewTCPFeeder(TCPFeederOptions{Addr: func() string { return *addr }, Output: fp, Logger: log,
-		CloseGrace: *grace, AbortGrace: *grace})
+		CloseGrace: *grace, AbortGrace: *grace, OrderConnects: true})
 	go fp.acceptLoop(ln)
 
 	sigs := make(chan os.Signal, 1)

@@ -12,7 +12,9 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -178,6 +180,15 @@ func (s *LXCServer) Start(ctx context.Context) error {
 		// input channel) lives in the data directory, so that every image
 		// carries it.
 		"LOCKSTEP_DMT_SHM=" + filepath.Join(s.o.DataDir, "dmt.shm")}, s.o.Env...)
+	if !slices.ContainsFunc(s.o.Env, func(e string) bool { return strings.HasPrefix(e, "TMPDIR=") }) {
+		// Temporary files go to the data directory too (the feeder makes
+		// it): they are the server's state, which every image must carry,
+		// and a /tmp shared with the host and the other replicas'
+		// containers, whose processes have the same pids in their own pid
+		// namespaces, mixes up files named after a pid (mariadb-install-db
+		// of replicas started together fails on them).
+		env = append(env, "TMPDIR="+filepath.Join(s.o.DataDir, "tmp"))
+	}
 	l, err := container.StartLXC(ctx, container.LXCOptions{
 		Name: s.o.Name, LXCPath: s.o.LXCPath, Command: args, Env: env,
 		DataDir: s.o.DataDir, SeedDir: s.o.SeedDir, DataSize: s.o.DataSize, Output: s.o.Console,

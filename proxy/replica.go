@@ -140,7 +140,9 @@ func (o *Options) setDefaults() error {
 				ls.SetOutput(out)
 				return ls
 			}
-			return NewTCPFeeder(TCPFeederOptions{Addr: srv.Addr, Output: out, Logger: log})
+			// A backup behind the log must not run a client's next
+			// connection beside the one it ended first (OrderConnects).
+			return NewTCPFeeder(TCPFeederOptions{Addr: srv.Addr, Output: out, Logger: log, OrderConnects: true})
 		}
 	}
 	return nil

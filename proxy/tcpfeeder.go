@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sort"
 	"sync"
 	"syscall"
 	"time"
@@ -29,7 +30,20 @@ type TCPFeederOptions struct {
 	// AbortGrace is how long the data queued before a reset may take to
 	// reach the server (default 1s).
 	AbortGrace time.Duration
-	Logger     logrus.FieldLogger
+	// OrderConnects opens a connection only once every connection that
+	// the client had shut down or closed before it, in log order, has
+	// ended on the server (the server closed it, or it was reset), or
+	// CloseGrace has passed. A client that ends one connection and then
+	// opens another (a one-thread client: sysbench's prepare, then its
+	// run) has seen the first one's answers before it sent anything on
+	// the second, so the leader's server ran them one after the other. A
+	// server that runs behind the log (a backup, above all one that
+	// restored a checkpoint and replays) is otherwise given both at once
+	// and runs them concurrently: its data diverges. Connects keep their
+	// log order. Not for the DMTFeeder, which needs the connection at
+	// once (its source port).
+	OrderConnects bool
+	Logger        logrus.FieldLogger
 }
 
 // TCPFeeder is the Feeder of a server reached over TCP: each client
@@ -54,8 +68,16 @@ type TCPFeeder struct {
 	outstanding int64 // events queued, not yet done
 	lastFed     uint64
 	closed      bool
+	closing     chan struct{} // closed by Close
 	wg          sync.WaitGroup
 
+	// OrderConnects: connections whose client side ended (Shutdown, or a
+	// graceful Close) while the server may not have ended them yet, and
+	// the gate of the last connection whose connect waits.
+	ending   map[uint64]*feedConn
+	lastGate chan struct{}
+
+	addrMu    sync.Mutex // connects may be issued by a waiting connection
 	addrCache struct {
 		s  string
 		sa syscall.Sockaddr
@@ -79,11 +101,18 @@ type feedConn struct {
 	cond    *sync.Cond
 	ops     []feedOp
 	writing bool      // the writer is doing an op
+	waiting bool      // its connect waits for the gate (OrderConnects)
 	aborted bool      // we reset it: the reader reports ErrAborted
 	broken  bool      // a write failed: drop further data
 	expiry  time.Time // a reset is queued: writes must be done by then
 
 	readerDone chan struct{}
+	// gate (OrderConnects) is closed once the connect was issued (or
+	// given up); after lists what it waits for before, prev the gate of
+	// the connection before it.
+	gate  chan struct{}
+	after []*feedConn
+	prev  chan struct{}
 }
 
 // NewTCPFeeder starts a feeder.
@@ -100,7 +129,7 @@ func NewTCPFeeder(o TCPFeederOptions) *TCPFeeder {
 	if o.Logger == nil {
 		o.Logger = logrus.StandardLogger()
 	}
-	f := &TCPFeeder{o: o, conns: map[uint64]*feedConn{}}
+	f := &TCPFeeder{o: o, conns: map[uint64]*feedConn{}, ending: map[uint64]*feedConn{}, closing: make(chan struct{})}
 	f.space = sync.NewCond(&f.mu)
 	f.idle = sync.NewCond(&f.mu)
 	return f
@@ -126,20 +155,25 @@ func (f *TCPFeeder) Feed(ev Committed) {
 		fc.cond = sync.NewCond(&fc.mu)
 		f.conns[ev.Conn] = fc
 		f.wg.Add(2)
-		f.mu.Unlock()
-		c, err := f.connect()
-		if err != nil {
-			f.o.Logger.WithError(err).WithField("conn", fmt.Sprintf("%x", fc.id)).Warn("proxy: cannot connect to the server")
-			go func() {
-				defer f.wg.Done()
-				f.o.Output.ServerEOF(fc.id, fmt.Errorf("proxy: connecting to the server: %w", err))
-				close(fc.readerDone)
-			}()
-		} else {
-			fc.c = c
-			fc.rc, _ = c.SyscallConn()
-			go fc.reader()
+		if f.o.OrderConnects {
+			fc.after = f.endingLocked()
+			if f.lastGate != nil && !isClosed(f.lastGate) {
+				fc.prev = f.lastGate
+			}
+			if len(fc.after) > 0 || fc.prev != nil {
+				// The writer connects once the gate opens; until then
+				// the connection's events wait in its queue.
+				fc.waiting = true
+				fc.gate = make(chan struct{})
+				f.lastGate = fc.gate
+				f.outstanding++ // the connect, for Quiesce
+				f.mu.Unlock()
+				go fc.writer()
+				return
+			}
 		}
+		f.mu.Unlock()
+		fc.open()
 		go fc.writer()
 		return
 	case Data:
@@ -170,12 +204,18 @@ func (f *TCPFeeder) Feed(ev Committed) {
 	case Shutdown:
 		if fc := f.conns[ev.Conn]; fc != nil {
 			f.outstanding++
+			if f.o.OrderConnects {
+				f.ending[ev.Conn] = fc
+			}
 			fc.push(feedOp{typ: Shutdown})
 		}
 	case Close, ServerClose:
 		if fc := f.conns[ev.Conn]; fc != nil {
 			delete(f.conns, ev.Conn)
 			f.outstanding++
+			if f.o.OrderConnects && !ev.Abort {
+				f.ending[ev.Conn] = fc
+			}
 			if ev.Abort {
 				// The data queued before the reset still goes first, but a
 				// server that does not read may hold it up only so long.
@@ -190,6 +230,8 @@ func (f *TCPFeeder) Feed(ev Committed) {
 // connect starts a non-blocking connect to the server; the connection
 // completes in the background (at once on loopback).
 func (f *TCPFeeder) connect() (*net.TCPConn, error) {
+	f.addrMu.Lock()
+	defer f.addrMu.Unlock()
 	addr := f.o.Addr()
 	if f.addrCache.s != addr {
 		ta, err := net.ResolveTCPAddr("tcp", addr)
@@ -225,12 +267,111 @@ func (f *TCPFeeder) connect() (*net.TCPConn, error) {
 	return nc.(*net.TCPConn), nil
 }
 
+// endingLocked returns the connections whose client side ended and whose
+// server has not ended them yet, and forgets those it has (f.mu held).
+func (f *TCPFeeder) endingLocked() []*feedConn {
+	var out []*feedConn
+	for id, fc := range f.ending {
+		if isClosed(fc.readerDone) {
+			delete(f.ending, id)
+			continue
+		}
+		out = append(out, fc)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].id < out[j].id })
+	return out
+}
+
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// open connects to the server and starts the reader (or reports the
+// failure as the connection's end).
+func (fc *feedConn) open() {
+	f := fc.f
+	fc.mu.Lock()
+	aborted := fc.aborted
+	fc.mu.Unlock()
+	var c *net.TCPConn
+	err := ErrAborted
+	if !aborted {
+		c, err = f.connect()
+	}
+	if err != nil {
+		if err != ErrAborted {
+			f.o.Logger.WithError(err).WithField("conn", fmt.Sprintf("%x", fc.id)).Warn("proxy: cannot connect to the server")
+			err = fmt.Errorf("proxy: connecting to the server: %w", err)
+		}
+		go func() {
+			defer f.wg.Done()
+			f.o.Output.ServerEOF(fc.id, err)
+			close(fc.readerDone)
+		}()
+		return
+	}
+	rc, _ := c.SyscallConn()
+	fc.mu.Lock()
+	fc.c, fc.rc = c, rc
+	if !fc.expiry.IsZero() {
+		_ = c.SetWriteDeadline(fc.expiry)
+	}
+	fc.mu.Unlock()
+	go fc.reader()
+}
+
+// awaitGate waits (OrderConnects) until the connections ended before this
+// one have ended on the server, or CloseGrace has passed, and the
+// connection before it has connected; then it connects.
+func (fc *feedConn) awaitGate() {
+	f := fc.f
+	t := time.NewTimer(f.o.CloseGrace)
+	defer t.Stop()
+	timedOut := false
+	for _, o := range fc.after {
+		if timedOut {
+			break
+		}
+		select {
+		case <-o.readerDone:
+		case <-t.C:
+			timedOut = true
+			f.o.Logger.WithField("conn", fmt.Sprintf("%x", fc.id)).Warnf(
+				"proxy: connection %x did not end on the server within %v: connecting the next one anyway", o.id, f.o.CloseGrace)
+		case <-f.closing:
+			fc.reset()
+		}
+	}
+	fc.after = nil
+	if fc.prev != nil {
+		select {
+		case <-fc.prev:
+		case <-f.closing:
+			fc.reset()
+		}
+	}
+	fc.open()
+	fc.mu.Lock()
+	fc.waiting = false
+	fc.mu.Unlock()
+	close(fc.gate)
+	f.done(0)
+}
+
 // tryWrite writes what it can of b at once if nothing is queued before
 // it; ok tells that nothing is left to queue (all written, or dropped on a
 // broken connection).
 func (fc *feedConn) tryWrite(b []byte) (n int, ok bool) {
 	fc.mu.Lock()
 	defer fc.mu.Unlock()
+	if fc.waiting {
+		return 0, false
+	}
 	if fc.c == nil || fc.broken || fc.aborted {
 		return 0, true
 	}
@@ -318,6 +459,7 @@ func (f *TCPFeeder) Close() error {
 		return nil
 	}
 	f.closed = true
+	close(f.closing)
 	conns := f.conns
 	f.conns = map[uint64]*feedConn{}
 	f.outstanding += int64(len(conns)) // the closes below
@@ -366,7 +508,12 @@ func (fc *feedConn) reset() {
 
 func (fc *feedConn) writer() {
 	defer fc.f.wg.Done()
+	if fc.gate != nil {
+		fc.awaitGate()
+	}
+	fc.mu.Lock()
 	c := fc.c
+	fc.mu.Unlock()
 	for {
 		fc.mu.Lock()
 		for len(fc.ops) == 0 {
