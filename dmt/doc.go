@@ -185,9 +185,11 @@
 // back at the kernel's time (as in xtern_only; the safety net too); a
 // connection's reset may overtake its last admitted bytes; EPOLLET is
 // answered level-triggered. MariaDB runs (sysbench completes, every
-// replica's tables checksum alike and every reply agrees but for the
-// random login challenge, which configs/mariadb.toml masks), although its
-// InnoDB threads wait for I/O in the kernel at the kernel's timing.
+// replica's tables checksum alike, and with the random login challenge
+// masked by configs/mariadb.toml nearly every reply agrees), but its
+// InnoDB threads wait for I/O in the kernel at the kernel's timing: now
+// and then one replica answers a statement differently (a few digest
+// checkpoints of one connection in a minute of sysbench, some runs).
 // Input is admitted one entry per admission
 // point, so a request whose bytes arrive while the server computes waits
 // up to a quantum.
