@@ -545,6 +545,16 @@ func TestRecoverMariaDB(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+	for _, id := range []int{1, 2, 3} {
+		if st, err := c.ckStatus(id); err == nil {
+			for _, r := range st.Records {
+				if r.Op == "dump" {
+					t.Logf("replica %d: checkpoint at %d: server paused %.0f ms, replica stopped %.0f ms, image %d KiB",
+						id, r.Index, r.PauseMS, r.ApplyStopMS, r.ImageBytes>>10)
+				}
+			}
+		}
+	}
 	c.kill(victim)
 	t.Logf("replica %d (a backup) SIGKILLed with its container", victim)
 	time.Sleep(2 * time.Second)
