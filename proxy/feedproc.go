@@ -341,6 +341,8 @@ func (fp *feedProc) serve(c *net.UnixConn) {
 				}
 				fp.send(appendFrame(nil, frameQuiesced, u64(token), []byte(msg)))
 			}()
+		case frameOrder:
+			fp.tcp.SetOrderConnects(len(p) == 1 && p[0] == 1)
 		case frameDetach:
 			fp.detach(c, true)
 			return

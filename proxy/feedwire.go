@@ -16,6 +16,8 @@ import (
 //	'E' index(8) event        an event committed at index, to deliver
 //	'Q' token(8) index(8)     quiesce at index; answered by 'q'
 //	'D'                       detach: the feeder answers 'd' and closes
+//	'O' on(1)                 OrderConnects on (1) or off (0); older
+//	                          feeders ignore it, as any unknown kind
 //
 // Feeder to replica:
 //
@@ -29,6 +31,7 @@ const (
 	frameEvent    = 'E'
 	frameQuiesce  = 'Q'
 	frameDetach   = 'D'
+	frameOrder    = 'O'
 	frameHello    = 'h'
 	frameOutput   = 'o'
 	frameEOF      = 'e'

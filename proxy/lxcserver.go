@@ -73,6 +73,7 @@ type LXCServer struct {
 	w         *frameWriter
 	detaching bool
 	detachAck chan struct{}
+	orderOff  bool // OrderConnects off in the feeder (the replica leads)
 	closed    bool
 	lastFed   uint64
 	feederAt  uint64 // the feeder's applied index at the last attach
@@ -261,9 +262,34 @@ func (s *LXCServer) attach(ctx context.Context) error {
 	s.mu.Lock()
 	s.conn, s.w, s.detaching = c, newFrameWriter(c), false
 	s.feederAt = applied
+	if s.orderOff {
+		// A feeder (a restored image) starts with its own setting.
+		_ = s.w.write(orderFrame(false))
+	}
 	s.mu.Unlock()
 	go s.reader(c, r, buf)
 	return nil
+}
+
+func orderFrame(on bool) []byte {
+	b := byte(0)
+	if on {
+		b = 1
+	}
+	return appendFrame(nil, frameOrder, []byte{b})
+}
+
+// SetOrderConnects switches the in-container feeder's OrderConnects (the
+// replica turns it off while it leads). It takes its place among the
+// events fed, and is said again to a feeder attached later.
+func (s *LXCServer) SetOrderConnects(on bool) {
+	s.mu.Lock()
+	s.orderOff = !on
+	w := s.w
+	s.mu.Unlock()
+	if w != nil {
+		_ = w.write(orderFrame(on))
+	}
 }
 
 // dialInNetns connects to an abstract unix socket in another network

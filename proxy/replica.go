@@ -566,15 +566,21 @@ func (r *Replica) applyEntry(index uint64, data []byte) {
 		}
 		r.epoch = ev
 		r.log.Infof("proxy: epoch of leader %d term %d at index %d (%d connections of the previous epoch reset)", ev.Leader, ev.Term, index, len(ids))
+		serving := false
 		if ev.Leader == r.o.ID {
 			r.lmu.Lock()
 			if r.tenure == ev.Term {
 				r.serving = true
 				close(r.servingCh)
 				r.servingCh = make(chan struct{})
+				serving = true
 			}
 			r.lmu.Unlock()
 		}
+		// A replica serving from here on is not behind the log: its
+		// feeder need not wait on ended connections. Any other (a backup,
+		// or a replay of this replica's own past terms) must.
+		r.setFeederOrdering(!serving)
 	case Connect:
 		if ev.Term != r.epoch.Term || r.conns[ev.Conn] != nil {
 			ignore()
@@ -837,4 +843,13 @@ func (r *Replica) Status() Status {
 		s.Error = err.Error()
 	}
 	return s
+}
+
+// setFeederOrdering switches the feeder's OrderConnects, if it has one:
+// on while this replica follows the log (a backup, a replay), off while
+// it leads.
+func (r *Replica) setFeederOrdering(on bool) {
+	if f, ok := r.feeder.(interface{ SetOrderConnects(bool) }); ok {
+		f.SetOrderConnects(on)
+	}
 }

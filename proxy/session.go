@@ -40,6 +40,7 @@ func (r *Replica) watchLeadership() {
 			r.lmu.Lock()
 			r.tenure, r.serving = 0, false
 			r.lmu.Unlock()
+			r.setFeederOrdering(true)
 			r.resetClients(0, "lost leadership")
 			r.log.Infof("proxy: no longer leading (term %d, leader %d)", st.Term, st.Leader)
 		}

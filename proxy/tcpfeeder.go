@@ -9,6 +9,7 @@ import (
 	"os"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -42,6 +43,11 @@ type TCPFeederOptions struct {
 	// and runs them concurrently: its data diverges. Connects keep their
 	// log order. Not for the DMTFeeder, which needs the connection at
 	// once (its source port).
+	//
+	// SetOrderConnects turns the waiting off and on: the leader's own
+	// server is not behind its log, and a client that half-closes one
+	// connection and waits long for its answer must not hold up every
+	// other client there.
 	OrderConnects bool
 	Logger        logrus.FieldLogger
 }
@@ -76,6 +82,7 @@ type TCPFeeder struct {
 	// the gate of the last connection whose connect waits.
 	ending   map[uint64]*feedConn
 	lastGate chan struct{}
+	ordering atomic.Bool // OrderConnects is in force (SetOrderConnects)
 
 	addrMu    sync.Mutex // connects may be issued by a waiting connection
 	addrCache struct {
@@ -132,8 +139,13 @@ func NewTCPFeeder(o TCPFeederOptions) *TCPFeeder {
 	f := &TCPFeeder{o: o, conns: map[uint64]*feedConn{}, ending: map[uint64]*feedConn{}, closing: make(chan struct{})}
 	f.space = sync.NewCond(&f.mu)
 	f.idle = sync.NewCond(&f.mu)
+	f.ordering.Store(o.OrderConnects)
 	return f
 }
+
+// SetOrderConnects turns OrderConnects' waiting on or off for the
+// connections fed from now on (a feeder made without it never waits).
+func (f *TCPFeeder) SetOrderConnects(on bool) { f.ordering.Store(on && f.o.OrderConnects) }
 
 // Feed implements Feeder.
 func (f *TCPFeeder) Feed(ev Committed) {
@@ -156,7 +168,11 @@ func (f *TCPFeeder) Feed(ev Committed) {
 		f.conns[ev.Conn] = fc
 		f.wg.Add(2)
 		if f.o.OrderConnects {
-			fc.after = f.endingLocked()
+			// Pruned at every connect, waited on only while ordering.
+			after := f.endingLocked()
+			if f.ordering.Load() {
+				fc.after = after
+			}
 			if f.lastGate != nil && !isClosed(f.lastGate) {
 				fc.prev = f.lastGate
 			}

@@ -95,12 +95,20 @@ func before(l, a, b string) bool {
 // TestTCPFeederOrderConnects: with OrderConnects a connection opened after
 // another one was shut down reaches the server only once the server has
 // ended the first (its work on it is done), and waiting connections keep
-// their order; without it the server runs them concurrently.
+// their order; without it, or switched off (the leader's feeder), the
+// server runs them concurrently.
 func TestTCPFeederOrderConnects(t *testing.T) {
-	for _, order := range []bool{true, false} {
+	for _, tc := range []struct {
+		name            string
+		option, leading bool
+	}{{"on", true, false}, {"off", false, false}, {"switched off (leading)", true, true}} {
+		order := tc.option && !tc.leading
 		srv := newOrderServer(t)
 		f := NewTCPFeeder(TCPFeederOptions{Addr: func() string { return srv.ln.Addr().String() }, Output: nopOutput{},
-			CloseGrace: 10 * time.Second, OrderConnects: order})
+			CloseGrace: 10 * time.Second, OrderConnects: tc.option})
+		if tc.leading {
+			f.SetOrderConnects(false)
+		}
 		idx := uint64(0)
 		feed := func(e Event) {
 			idx++
@@ -131,10 +139,10 @@ func TestTCPFeederOrderConnects(t *testing.T) {
 		seen, accepted := srv.order()
 		if order {
 			if !before(seen, "a done", "b") || !before(seen, "a done", "c") || !before(seen, "c done", "d") || accepted != "a,b,c,d" {
-				t.Errorf("OrderConnects: the server saw %q, accepted %q", seen, accepted)
+				t.Errorf("%s: the server saw %q, accepted %q", tc.name, seen, accepted)
 			}
 		} else if before(seen, "a done", "b") {
-			t.Errorf("without OrderConnects the server saw %q: the test shows nothing", seen)
+			t.Errorf("%s: the server saw %q: a wait where there should be none", tc.name, seen)
 		}
 		f.Close()
 	}
