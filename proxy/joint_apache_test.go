@@ -8,12 +8,9 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/sirupsen/logrus"
 
 	"lockstep/dmt"
 )
@@ -60,16 +57,7 @@ func jointApache(t *testing.T, mpm string) {
 		t.Skipf("no %s MPM: %v", mpm, err)
 	}
 	lib, _ := buildRacy(t)
-	dirs := map[uint64]string{}
-	var dmu sync.Mutex
-	dirOf := func(id uint64) string {
-		dmu.Lock()
-		defer dmu.Unlock()
-		if dirs[id] == "" {
-			dirs[id] = t.TempDir()
-		}
-		return dirs[id]
-	}
+	dirOf := replicaDirs(t)
 	server := func(id uint64) StartServerFunc {
 		return func(ctx context.Context) (Server, error) {
 			dir, addr := dirOf(id), freePort(t)
@@ -94,15 +82,7 @@ func jointApache(t *testing.T, mpm string) {
 		}
 	}
 	opts := func(o *Options) {
-		id := o.ID
-		o.NewFeeder = func(srv Server, out Output, log logrus.FieldLogger) Feeder {
-			ch, err := dmt.OpenChan(filepath.Join(dirOf(id), "dmt.shm"))
-			if err != nil {
-				t.Errorf("replica %d: %v", id, err)
-				return NewTCPFeeder(TCPFeederOptions{Addr: srv.Addr, Output: out, Logger: log})
-			}
-			return NewDMTFeeder(DMTFeederOptions{Chan: ch})(srv, out, log)
-		}
+		o.NewFeeder = jointFeeder(t, dirOf(o.ID), nil)
 	}
 	c := newTestCluster(t, 3, server, opts)
 	b := c.backups()[0]

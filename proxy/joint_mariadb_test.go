@@ -8,12 +8,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/sirupsen/logrus"
 
 	"lockstep/configs"
 	"lockstep/dmt"
@@ -33,16 +30,7 @@ func TestMariaDBJointSched(t *testing.T) {
 	need(t, "/usr/sbin/mariadbd", "mariadb-install-db", "mariadb", "sysbench")
 	lib, _ := buildRacy(t)
 	secs := envInt("LOCKSTEP_SYSBENCH_SECONDS", 60)
-	dirs := map[uint64]string{}
-	var dmu sync.Mutex
-	dirOf := func(id uint64) string {
-		dmu.Lock()
-		defer dmu.Unlock()
-		if dirs[id] == "" {
-			dirs[id] = t.TempDir()
-		}
-		return dirs[id]
-	}
+	dirOf := replicaDirs(t)
 	var asRoot []string
 	if os.Geteuid() == 0 {
 		asRoot = []string{"--user=root"}
@@ -78,15 +66,7 @@ func TestMariaDBJointSched(t *testing.T) {
 	}
 	opts := func(o *Options) {
 		o.Masks = cfg.Output.Mask
-		id := o.ID
-		o.NewFeeder = func(srv Server, out Output, log logrus.FieldLogger) Feeder {
-			ch, err := dmt.OpenChan(filepath.Join(dirOf(id), "dmt.shm"))
-			if err != nil {
-				t.Errorf("replica %d: %v", id, err)
-				return NewTCPFeeder(TCPFeederOptions{Addr: srv.Addr, Output: out, Logger: log})
-			}
-			return NewDMTFeeder(DMTFeederOptions{Chan: ch})(srv, out, log)
-		}
+		o.NewFeeder = jointFeeder(t, dirOf(o.ID), nil)
 	}
 	c := newTestCluster(t, 3, server, opts)
 	addr := c.leader().ClientAddr()

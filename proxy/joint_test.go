@@ -129,16 +129,7 @@ func envInt(name string, def int) int {
 func racyCluster(t *testing.T, joint bool, clients, reqs int, req string) (*transcripts, *testCluster) {
 	lib, racy := buildRacy(t)
 	ts := &transcripts{m: map[uint64]map[uint64][]byte{}}
-	dirs := map[uint64]string{}
-	var dmu sync.Mutex
-	dirOf := func(id uint64) string {
-		dmu.Lock()
-		defer dmu.Unlock()
-		if dirs[id] == "" {
-			dirs[id] = t.TempDir()
-		}
-		return dirs[id]
-	}
+	dirOf := replicaDirs(t)
 	server := func(id uint64) StartServerFunc {
 		return func(ctx context.Context) (Server, error) {
 			dir, addr := dirOf(id), freePort(t)
@@ -175,14 +166,7 @@ func racyCluster(t *testing.T, joint bool, clients, reqs int, req string) (*tran
 			}
 			return
 		}
-		o.NewFeeder = func(srv Server, out Output, log logrus.FieldLogger) Feeder {
-			ch, err := dmt.OpenChan(filepath.Join(dirOf(id), "dmt.shm"))
-			if err != nil {
-				t.Errorf("replica %d: %v", id, err)
-				return NewTCPFeeder(TCPFeederOptions{Addr: srv.Addr, Output: out, Logger: log})
-			}
-			return NewDMTFeeder(DMTFeederOptions{Chan: ch, Tap: ts.tap(id)})(srv, out, log)
-		}
+		o.NewFeeder = jointFeeder(t, dirOf(id), ts.tap(id))
 	}
 	c := newTestCluster(t, 3, server, opts)
 	addr := c.leader().ClientAddr()
@@ -282,4 +266,33 @@ func TestRacyProxyOnlyDiffers(t *testing.T) {
 		t.Fatal("proxy_only: every transcript is identical; the fixture shows no race")
 	}
 	t.Logf("proxy_only: %d of 8 connections differ between replicas", bad)
+}
+
+// replicaDirs gives each replica id a temporary directory of its own, made
+// on first use.
+func replicaDirs(t *testing.T) func(id uint64) string {
+	dirs := map[uint64]string{}
+	var mu sync.Mutex
+	return func(id uint64) string {
+		mu.Lock()
+		defer mu.Unlock()
+		if dirs[id] == "" {
+			dirs[id] = t.TempDir()
+		}
+		return dirs[id]
+	}
+}
+
+// jointFeeder is the joint_sched feeder of a replica whose server maps
+// dir/dmt.shm (made with dmt.CreateChan before it started); tap, if set,
+// records its output.
+func jointFeeder(t *testing.T, dir string, tap func(conn uint64, b []byte)) func(Server, Output, logrus.FieldLogger) Feeder {
+	return func(srv Server, out Output, log logrus.FieldLogger) Feeder {
+		ch, err := dmt.OpenChan(filepath.Join(dir, "dmt.shm"))
+		if err != nil {
+			t.Errorf("%s: %v", dir, err)
+			return NewTCPFeeder(TCPFeederOptions{Addr: srv.Addr, Output: out, Logger: log})
+		}
+		return NewDMTFeeder(DMTFeederOptions{Chan: ch, Tap: tap})(srv, out, log)
+	}
 }

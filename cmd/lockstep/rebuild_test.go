@@ -97,26 +97,12 @@ func (c *rcluster) waitCompacted(timeout time.Duration, ids ...int) {
 // peer and caught up with the log.
 func (c *rcluster) waitRebuilt(timeout time.Duration, id int, why string) {
 	c.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		st, err := c.ckStatus(id)
-		if err == nil && st.RestoredAt > 0 && st.CaughtUpMS > 0 {
-			for _, r := range st.Records {
-				if r.Op == "restore" {
-					if !r.Fetched {
-						c.t.Fatalf("replica %d (%s) restored its own checkpoint %s, not a peer's", id, why, r.ID)
-					}
-					c.t.Logf("replica %d (%s) restored checkpoint %s of a peer at %d (fetch %.0f ms, restore %.0f ms), caught up to %d %.0f ms later",
-						id, why, r.ID, r.Index, r.FetchMS, r.RestoreMS, st.CaughtUpTo, st.CaughtUpMS)
-					return
-				}
-			}
-		}
-		if time.Now().After(deadline) {
-			c.t.Fatalf("replica %d (%s) was not rebuilt within %v: %+v %v", id, why, timeout, st, err)
-		}
-		time.Sleep(200 * time.Millisecond)
+	st, r := c.waitRestored(timeout, id)
+	if !r.Fetched {
+		c.t.Fatalf("replica %d (%s) restored its own checkpoint %s, not a peer's", id, why, r.ID)
 	}
+	c.t.Logf("replica %d (%s) restored checkpoint %s of a peer at %d (fetch %.0f ms, restore %.0f ms), caught up to %d %.0f ms later",
+		id, why, r.ID, r.Index, r.FetchMS, r.RestoreMS, st.CaughtUpTo, st.CaughtUpMS)
 }
 
 // checkInStep: under more load, no replica's output diverges any more.

@@ -2,15 +2,12 @@ package main
 
 import (
 	"bytes"
-	"net"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
-
-	"lockstep/proxy"
 )
 
 // TestRecoverMariaDBLarge measures a recovery with a large data set: four
@@ -35,11 +32,7 @@ func TestRecoverMariaDBLarge(t *testing.T) {
 		c.start(i)
 	}
 	leader := c.waitServing(90*time.Second, 1, 2, 3)
-	host, port, _ := net.SplitHostPort(c.clientAddr(leader))
-	sb := func(args ...string) []string {
-		return append([]string{"oltp_read_write", "--mysql-host=" + host, "--mysql-port=" + port, "--mysql-user=sbtest",
-			"--mysql-db=sbtest", "--tables=4", "--table-size=" + strconv.Itoa(rows)}, args...)
-	}
+	sb := func(args ...string) []string { return sysbenchTables(c.clientAddr(leader), 4, rows, args...) }
 	t0 := time.Now()
 	// One table per thread: each table's rows are inserted on one
 	// connection, in the same order on every replica.
@@ -80,25 +73,10 @@ func TestRecoverMariaDBLarge(t *testing.T) {
 
 	restart := time.Now()
 	c.start(victim)
+	st, rec := c.waitRestored(20*time.Minute, victim)
+	t.Logf("replica %d restored checkpoint %s at %d (image %d MiB, restore %.0f ms) and fed its server the log to %d %.0f ms later: %.1f s after its restart",
+		victim, rec.ID, rec.Index, rec.ImageBytes>>20, rec.RestoreMS, st.CaughtUpTo, st.CaughtUpMS, time.Since(restart).Seconds())
 	deadline := time.Now().Add(20 * time.Minute)
-	for {
-		st, err := c.ckStatus(victim)
-		if err == nil && st.RestoredAt > 0 && st.CaughtUpMS > 0 {
-			var rec proxy.CheckpointRecord
-			for _, r := range st.Records {
-				if r.Op == "restore" {
-					rec = r
-				}
-			}
-			t.Logf("replica %d restored checkpoint %s at %d (image %d MiB, restore %.0f ms) and fed its server the log to %d %.0f ms later: %.1f s after its restart",
-				victim, rec.ID, rec.Index, rec.ImageBytes>>20, rec.RestoreMS, st.CaughtUpTo, st.CaughtUpMS, time.Since(restart).Seconds())
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("replica %d did not restore and catch up: %+v %v", victim, st, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 	// Its server has done all that work when its tables are the others'
 	// (each CHECKSUM TABLE of the 4 tables takes a while itself: an upper
 	// bound).

@@ -276,6 +276,29 @@ func (c *rcluster) ckStatus(id int) (proxy.CheckpointStatus, error) {
 	return s, getJSON("http://"+c.admin(id)+"/checkpoints/status", &s)
 }
 
+// waitRestored waits until id has restored a checkpoint and caught up with
+// the log; it returns its status and the last restore's record.
+func (c *rcluster) waitRestored(timeout time.Duration, id int) (proxy.CheckpointStatus, proxy.CheckpointRecord) {
+	c.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st, err := c.ckStatus(id)
+		if err == nil && st.RestoredAt > 0 && st.CaughtUpMS > 0 {
+			var rec proxy.CheckpointRecord
+			for _, r := range st.Records {
+				if r.Op == "restore" {
+					rec = r
+				}
+			}
+			return st, rec
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("replica %d did not restore and catch up within %v: %+v %v", id, timeout, st, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 // waitServing waits until ids agree on a leader that serves, and returns it.
 func (c *rcluster) waitServing(timeout time.Duration, ids ...int) int {
 	c.t.Helper()
@@ -401,24 +424,10 @@ func TestCheckpointsApacheUnderLoad(t *testing.T) {
 	time.Sleep(time.Second)
 	restart := time.Now()
 	c.start(victim)
-	deadline = time.Now().Add(60 * time.Second)
-	for {
-		st, err := c.ckStatus(victim)
-		if err == nil && st.RestoredAt > 0 && st.CaughtUpMS > 0 {
-			for _, r := range st.Records {
-				if r.Op == "restore" {
-					t.Logf("replica %d restored checkpoint %s at %d (image %d KiB, restore %.0f ms), replayed to %d %.0f ms later (%.0f entries/s); %.1f s after its restart",
-						victim, r.ID, r.Index, r.ImageBytes>>10, r.RestoreMS, st.CaughtUpTo, st.CaughtUpMS,
-						float64(st.CaughtUpTo-st.RestoredAt)/max(st.CaughtUpMS, 1)*1000, time.Since(restart).Seconds())
-				}
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("replica %d did not restore and catch up: %+v %v", victim, st, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	st, r := c.waitRestored(60*time.Second, victim)
+	t.Logf("replica %d restored checkpoint %s at %d (image %d KiB, restore %.0f ms), replayed to %d %.0f ms later (%.0f entries/s); %.1f s after its restart",
+		victim, r.ID, r.Index, r.ImageBytes>>10, r.RestoreMS, st.CaughtUpTo, st.CaughtUpMS,
+		float64(st.CaughtUpTo-st.RestoredAt)/max(st.CaughtUpMS, 1)*1000, time.Since(restart).Seconds())
 	if err := ab.Wait(); err != nil || !regexp.MustCompile(`(?m)^Failed requests:\s+0$`).MatchString(abOut.String()) {
 		t.Fatalf("ab during the recovery: %v\n%s", err, abOut.String())
 	}
@@ -491,10 +500,14 @@ func (c *rcluster) sameChecksums(timeout time.Duration, tables string, ids ...in
 	}
 }
 
-func sysbench(addr string, args ...string) []string {
+func sysbench(addr string, args ...string) []string { return sysbenchTables(addr, 2, 5000, args...) }
+
+// sysbenchTables: oltp_read_write's arguments for tables of rows each,
+// against addr, then args.
+func sysbenchTables(addr string, tables, rows int, args ...string) []string {
 	host, port, _ := net.SplitHostPort(addr)
 	return append([]string{"oltp_read_write", "--mysql-host=" + host, "--mysql-port=" + port, "--mysql-user=sbtest",
-		"--mysql-db=sbtest", "--tables=2", "--table-size=5000"}, args...)
+		"--mysql-db=sbtest", "--tables=" + strconv.Itoa(tables), "--table-size=" + strconv.Itoa(rows)}, args...)
 }
 
 // TestRecoverMariaDB: sysbench (one thread: proxy_only) runs against the
@@ -560,26 +573,10 @@ func TestRecoverMariaDB(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	restart := time.Now()
 	c.start(victim)
-	var rec proxy.CheckpointRecord
-	deadline = time.Now().Add(60 * time.Second)
-	for {
-		st, err := c.ckStatus(victim)
-		if err == nil && st.RestoredAt > 0 && st.CaughtUpMS > 0 {
-			for _, r := range st.Records {
-				if r.Op == "restore" {
-					rec = r
-				}
-			}
-			t.Logf("replica %d restored checkpoint %s at %d (image %d KiB, fetched %v, restore %.0f ms), replayed to %d %.0f ms later (%.0f entries/s); %.1f s after its restart",
-				victim, rec.ID, rec.Index, rec.ImageBytes>>10, rec.Fetched, rec.RestoreMS, st.CaughtUpTo, st.CaughtUpMS,
-				float64(st.CaughtUpTo-st.RestoredAt)/max(st.CaughtUpMS, 1)*1000, time.Since(restart).Seconds())
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("replica %d did not restore and catch up: %+v %v", victim, st, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	st, rec := c.waitRestored(60*time.Second, victim)
+	t.Logf("replica %d restored checkpoint %s at %d (image %d KiB, fetched %v, restore %.0f ms), replayed to %d %.0f ms later (%.0f entries/s); %.1f s after its restart",
+		victim, rec.ID, rec.Index, rec.ImageBytes>>10, rec.Fetched, rec.RestoreMS, st.CaughtUpTo, st.CaughtUpMS,
+		float64(st.CaughtUpTo-st.RestoredAt)/max(st.CaughtUpMS, 1)*1000, time.Since(restart).Seconds())
 	if err := load.Wait(); err != nil {
 		t.Fatalf("sysbench: %v\n%s", err, loadOut.String())
 	}
