@@ -127,6 +127,12 @@ type Options struct {
 	// checkpointed: "nftables" (default; iptables is not installed here),
 	// "iptables" or "skip".
 	NetworkLock string
+	// PostDump, if set, runs when the image is complete and the tree is
+	// still frozen (dump; CRIU's post-dump notification): what it does
+	// sees the tree's state exactly as imaged, e.g. a snapshot of a file
+	// system the tree writes (see Volume). An error fails the dump and
+	// the tree runs on.
+	PostDump func() error
 	// LogLevel of CRIU's log, 0-4 (default 2: errors and warnings).
 	LogLevel int
 	// Criu is the binary (default Criu()).
@@ -151,6 +157,11 @@ type Stats struct {
 	Wall time.Duration
 	// Restore is CRIU's restore time (Restore only; Wall includes it).
 	Restore time.Duration
+	// For a tree whose data is a Volume: DataSync is the sync before the
+	// dump, DataSnapshot the snapshot within Pause, DataArchive the
+	// archiving after the tree ran on (dump); DataExtract the making of
+	// a volume from the archive before CRIU ran (restore).
+	DataSync, DataSnapshot, DataArchive, DataExtract time.Duration
 	// Pid is the restored root's pid in the caller's namespace (Restore).
 	Pid int
 }
@@ -296,11 +307,15 @@ func dump(ctx context.Context, o Options, pre bool) (st Stats, err error) {
 	opts.SkipMnt = skip
 
 	c := newCriu(o.Criu)
+	var nfy criu.Notify
+	if o.PostDump != nil {
+		nfy = &dumpNotify{post: o.PostDump}
+	}
 	start := time.Now()
 	if pre {
-		err = c.PreDump(opts, nil)
+		err = c.PreDump(opts, nfy)
 	} else {
-		err = c.Dump(opts, nil)
+		err = c.Dump(opts, nfy)
 	}
 	st.Wall = time.Since(start)
 	if err != nil {
@@ -463,6 +478,13 @@ func onParentThread(fn func()) {
 	}
 	<-done
 }
+
+type dumpNotify struct {
+	criu.NoNotify
+	post func() error
+}
+
+func (n *dumpNotify) PostDump() error { return n.post() }
 
 type restoreNotify struct {
 	criu.NoNotify

@@ -36,6 +36,14 @@
 // checkpoints as tar streams and Fetch brings one into another store,
 // verified, with an atomic rename.
 //
+// A server's data is either a tmpfs inside its container, which CRIU
+// archives into the image while the tree is frozen (the pause grows with
+// the data), or a data volume (volume.go: btrfs on a loop device backed by
+// a tmpfs of the host, bound into the container), which the dump marks
+// external, snapshots from Options.PostDump while the tree is still frozen
+// (constant time) and archives into the images directory afterwards
+// (VolumeArchive); the restore extracts it into a new volume first.
+//
 // Everything here needs root and scripts/criu.sh's CRIU: 4.1.1 with two
 // patches, one for Linux 6.16+ (TCP sockets), one for machines where root
 // lacks CAP_SYS_RESOURCE (tasks of another user, such as Apache's child).

@@ -109,6 +109,14 @@ type LXCOptions struct {
 	SeedDir string
 	// DataSize bounds the tmpfs (tmpfs size= syntax, default "256m").
 	DataSize string
+	// Where a data volume can be made (VolumesSupported: btrfs on a loop
+	// device backed by a tmpfs of the host), DataDir is one, bound into
+	// the container, instead of a tmpfs inside it: its content is then
+	// not in a CRIU image of the container, and a dump must snapshot and
+	// archive it (Volume; proxy does) to keep the pause short. TmpfsData
+	// (or LOCKSTEP_DATA_TMPFS=1 in the environment) keeps the tmpfs inside
+	// the container, which CRIU archives itself.
+	TmpfsData bool
 	// Binds are host directories bound into the container at the same
 	// path, writable: state that stays on the host (not in the images).
 	Binds []string
@@ -180,7 +188,27 @@ func StartLXC(ctx context.Context, o LXCOptions) (*LXC, error) {
 	if c.Running() {
 		return nil, fmt.Errorf("container: lxc %s is already running", o.Name)
 	}
-	items, command, err := lxcConfig(o, dir)
+	var vol *Volume
+	if o.DataDir != "" && !o.TmpfsData && os.Getenv("LOCKSTEP_DATA_TMPFS") != "1" && VolumesSupported() == nil {
+		size := o.DataSize
+		if size == "" {
+			size = "256m"
+		}
+		if vol, err = CreateVolume(o.Name, size); err != nil {
+			return nil, fmt.Errorf("container: lxc %s: %w", o.Name, err)
+		}
+	}
+	ok := false
+	defer func() {
+		if !ok && vol != nil {
+			_ = vol.Remove()
+		}
+	}()
+	volData := ""
+	if vol != nil {
+		volData = vol.Data()
+	}
+	items, command, err := lxcConfig(o, dir, volData)
 	if err != nil {
 		return nil, err
 	}
@@ -231,6 +259,7 @@ func StartLXC(ctx context.Context, o LXCOptions) (*LXC, error) {
 						return nil, fmt.Errorf("container: lxc %s: %w", o.Name, err)
 					}
 				}
+				ok = true
 				return l, nil
 			}
 		}
@@ -278,8 +307,10 @@ func lxcStartHelper(args []string) error {
 }
 
 // lxcConfig returns the configuration items and the command to run (the
-// given one, behind a seeding step when DataDir is set).
-func lxcConfig(o LXCOptions, dir string) ([][2]string, []string, error) {
+// given one, behind a seeding step when DataDir is set). volData, if set,
+// is the host directory (a data volume) bound at DataDir instead of a
+// tmpfs.
+func lxcConfig(o LXCOptions, dir, volData string) ([][2]string, []string, error) {
 	logLevel := o.LogLevel
 	if logLevel == "" {
 		logLevel = "WARN"
@@ -343,8 +374,12 @@ func lxcConfig(o LXCOptions, dir string) ([][2]string, []string, error) {
 		}
 		// lxc.mount.entry targets are relative to the root file system,
 		// which is the host's.
-		items = append(items, [2]string{"lxc.mount.entry",
-			fmt.Sprintf("tmpfs %s tmpfs size=%s,mode=0755 0 0", strings.TrimPrefix(filepath.Clean(o.DataDir), "/"), size)})
+		target := strings.TrimPrefix(filepath.Clean(o.DataDir), "/")
+		if volData != "" {
+			items = append(items, [2]string{"lxc.mount.entry", fmt.Sprintf("%s %s none bind,rw 0 0", volData, target)})
+		} else {
+			items = append(items, [2]string{"lxc.mount.entry", fmt.Sprintf("tmpfs %s tmpfs size=%s,mode=0755 0 0", target, size)})
+		}
 		if cwd == "" {
 			cwd = o.DataDir
 		}
@@ -379,9 +414,20 @@ func lxcConfig(o LXCOptions, dir string) ([][2]string, []string, error) {
 	items = append(items, o.Config...)
 
 	command := o.Command
-	if o.DataDir != "" && o.SeedDir != "" {
-		// Seed the tmpfs, then become the command.
-		command = append([]string{"/bin/sh", "-c", `cp -a "$1"/. "$2"/ && shift 2 && exec "$@"`, "lockstep-seed", o.SeedDir, o.DataDir}, o.Command...)
+	// The container's mount namespace starts as a copy of the host's,
+	// data volumes included (this container's and others'): the copy of
+	// their root is unmounted first, so that no image holds them and a
+	// container does not keep another's volume alive.
+	unmount := ""
+	if _, err := os.Stat(VolumeRoot); err == nil {
+		unmount = "umount -l " + VolumeRoot + " 2>/dev/null; "
+	}
+	switch {
+	case o.DataDir != "" && o.SeedDir != "":
+		// Seed the data directory, then become the command.
+		command = append([]string{"/bin/sh", "-c", unmount + `cp -a "$1"/. "$2"/ && shift 2 && exec "$@"`, "lockstep-seed", o.SeedDir, o.DataDir}, o.Command...)
+	case unmount != "":
+		command = append([]string{"/bin/sh", "-c", unmount + `exec "$@"`, "lockstep-start"}, o.Command...)
 	}
 	return items, command, nil
 }
@@ -450,7 +496,7 @@ func (l *LXC) Stop(timeout time.Duration) error {
 			return fmt.Errorf("container: restored lxc %s (init %d) survives SIGKILL", l.name, l.pid)
 		}
 		l.stopped = true
-		return removeLXCCgroups(l.name)
+		return errors.Join(removeLXCCgroups(l.name), OpenVolume(l.name).Remove())
 	}
 	c, err := lxc.NewContainer(l.name, l.lxcpath)
 	if err != nil {
@@ -471,7 +517,7 @@ func (l *LXC) Stop(timeout time.Duration) error {
 		time.Sleep(5 * time.Millisecond)
 	}
 	l.stopped = true
-	return nil
+	return OpenVolume(l.name).Remove()
 }
 
 // WaitGone waits until LXC's monitor has noticed that the container's

@@ -3,6 +3,7 @@
 package container
 
 import (
+	"errors"
 	"fmt"
 	"time"
 
@@ -10,8 +11,9 @@ import (
 )
 
 // StopLXCByName kills a container that LXC runs under name (one an earlier
-// run of the caller left behind) and waits until it is gone. A container
-// that is not running is not an error.
+// run of the caller left behind) and waits until it is gone, and removes
+// its data volume, if any. A container that is not running is not an
+// error.
 func StopLXCByName(name, lxcpath string) error {
 	if lxcpath == "" {
 		lxcpath = DefaultLXCPath
@@ -22,7 +24,7 @@ func StopLXCByName(name, lxcpath string) error {
 	}
 	defer c.Release()
 	if !c.Running() {
-		return removeLXCCgroups(name)
+		return errors.Join(removeLXCCgroups(name), OpenVolume(name).Remove())
 	}
 	if err := c.Stop(); err != nil && c.Running() {
 		return fmt.Errorf("container: stopping lxc %s: %w", name, err)
@@ -30,5 +32,5 @@ func StopLXCByName(name, lxcpath string) error {
 	if !c.Wait(lxc.STOPPED, 10*time.Second) {
 		return fmt.Errorf("container: lxc %s did not stop", name)
 	}
-	return nil
+	return OpenVolume(name).Remove()
 }

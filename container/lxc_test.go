@@ -197,6 +197,8 @@ func TestLXCCheckpointRestore(t *testing.T) {
 		DataDir:  filepath.Join(tmp, "data"),
 		SeedDir:  seed,
 		DataSize: "16m",
+		// The raw CRIU path: the tmpfs goes into the image.
+		TmpfsData: true,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -326,13 +328,14 @@ func TestLXCApacheCheckpointRestore(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
 	defer cancel()
 	l, err := StartLXC(ctx, LXCOptions{
-		Name:     name,
-		LXCPath:  filepath.Join(base, "lxc"),
-		Command:  []string{"/usr/sbin/apache2", "-f", filepath.Join(data, "apache2.conf"), "-DFOREGROUND"},
-		Netns:    ns,
-		DataDir:  data,
-		SeedDir:  seed,
-		DataSize: "32m",
+		Name:      name,
+		LXCPath:   filepath.Join(base, "lxc"),
+		Command:   []string{"/usr/sbin/apache2", "-f", filepath.Join(data, "apache2.conf"), "-DFOREGROUND"},
+		Netns:     ns,
+		DataDir:   data,
+		SeedDir:   seed,
+		DataSize:  "32m",
+		TmpfsData: true,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -438,12 +441,13 @@ func TestLXCVethCheckpointRestore(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
 	defer cancel()
 	l, err := StartLXC(ctx, LXCOptions{
-		Name:    name,
-		LXCPath: filepath.Join(tmp, "lxc"),
-		Command: []string{self},
-		Env:     []string{"LSLXC_HELPER=counter-http", "LSLXC_ADDR=0.0.0.0:8080", "GODEBUG=multipathtcp=0"},
-		Veth:    veth,
-		DataDir: filepath.Join(tmp, "data"),
+		Name:      name,
+		LXCPath:   filepath.Join(tmp, "lxc"),
+		Command:   []string{self},
+		Env:       []string{"LSLXC_HELPER=counter-http", "LSLXC_ADDR=0.0.0.0:8080", "GODEBUG=multipathtcp=0"},
+		Veth:      veth,
+		DataDir:   filepath.Join(tmp, "data"),
+		TmpfsData: true,
 	})
 	if err != nil {
 		t.Fatal(err)

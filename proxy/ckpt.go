@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"lockstep/checkpoint"
+	"lockstep/container"
 	"lockstep/paxos"
 )
 
@@ -98,6 +99,17 @@ type CheckpointRecord struct {
 	PauseMS  float64 `json:"pause_ms,omitempty"`
 	DetachMS float64 `json:"detach_ms,omitempty"`
 	AttachMS float64 `json:"attach_ms,omitempty"`
+	// CRIU's split of the pause (dump): freezing the tree, the time
+	// frozen, and within it collecting and writing memory pages.
+	FreezingMS float64 `json:"freezing_ms,omitempty"`
+	FrozenMS   float64 `json:"frozen_ms,omitempty"`
+	MemDumpMS  float64 `json:"memdump_ms,omitempty"`
+	MemWriteMS float64 `json:"memwrite_ms,omitempty"`
+	// The data volume (dump): its snapshot, within the pause, and its
+	// archiving, after it; (restore) the extraction before CRIU.
+	SnapshotMS float64 `json:"snapshot_ms,omitempty"`
+	ArchiveMS  float64 `json:"archive_ms,omitempty"`
+	ExtractMS  float64 `json:"extract_ms,omitempty"`
 	// ApplyStopMS is how long the replica stopped applying the log.
 	ApplyStopMS float64 `json:"apply_stop_ms,omitempty"`
 	ImageBytes  int64   `json:"image_bytes"`
@@ -271,7 +283,9 @@ func (c *checkpointer) take(ctx context.Context, index uint64) (CheckpointRecord
 		return rec, err
 	}
 	rec = CheckpointRecord{Op: "dump", ID: ck.ID, Index: index, PauseMS: ms(st.Pause), DetachMS: ms(st.Detach),
-		AttachMS: ms(st.Attach), ApplyStopMS: ms(time.Since(t0)), ImageBytes: ck.Size, At: time.Now()}
+		AttachMS: ms(st.Attach), FreezingMS: ms(st.Freezing), FrozenMS: ms(st.Frozen), MemDumpMS: ms(st.MemDump),
+		MemWriteMS: ms(st.MemWrite), SnapshotMS: ms(st.DataSnapshot), ArchiveMS: ms(st.DataArchive),
+		ApplyStopMS: ms(time.Since(t0)), ImageBytes: ck.Size, At: time.Now()}
 	c.record(rec)
 	c.r.log.Infof("proxy: checkpoint %s at index %d: server paused %v, replica stopped %v, image %d KiB",
 		ck.ID, index, st.Pause.Round(time.Millisecond), time.Since(t0).Round(time.Millisecond), ck.Size>>10)
@@ -436,6 +450,7 @@ func (c *checkpointer) restore(s paxos.Snapshot) (uint64, error) {
 		return 0, err
 	}
 	rec.RestoreMS = ms(time.Since(t1))
+	rec.ExtractMS = ms(rs.DataExtract)
 	if fi := c.o.Server.FeederIndex(); fi > ref.Index {
 		return 0, fmt.Errorf("proxy: the restored feeder was fed up to %d, beyond the checkpoint's %d", fi, ref.Index)
 	}
@@ -597,4 +612,85 @@ func (r *Replica) checkpointAdmin(mux *http.ServeMux) {
 		_, _ = io.WriteString(w, "rebuilding\n")
 		c.rebuildOnce.Do(func() { go r.fail(ErrRebuild) })
 	})
+}
+
+// dumpContainer dumps the container of s, whose init is pid, into
+// imagesDir and lets it run on. A container whose data directory is a
+// data volume (container.Volume) has the volume synced first, then
+// snapshotted while CRIU holds the container frozen, and the snapshot
+// archived into imagesDir once it runs again: the pause does not grow
+// with the data. Otherwise CRIU archives the data tmpfs itself, frozen.
+func dumpContainer(ctx context.Context, s *LXCServer, pid int, imagesDir string) (checkpoint.Stats, error) {
+	o := checkpoint.Options{Pid: pid, ImagesDir: imagesDir, LeaveRunning: true, TCPEstablished: true, FileLocks: true}
+	vol := container.OpenVolume(s.o.Name)
+	if !vol.BoundAt(pid, s.o.DataDir) {
+		return checkpoint.Dump(ctx, o)
+	}
+	t0 := time.Now()
+	if err := vol.Sync(); err != nil {
+		return checkpoint.Stats{}, err
+	}
+	sync := time.Since(t0)
+	var snap string
+	var snapTime time.Duration
+	o.External = append(o.External, "mnt["+filepath.Clean(s.o.DataDir)+"]:"+container.VolumeKey)
+	o.PostDump = func() error {
+		t := time.Now()
+		var err error
+		snap, err = vol.Snapshot()
+		snapTime = time.Since(t)
+		return err
+	}
+	st, err := checkpoint.Dump(ctx, o)
+	st.DataSync, st.DataSnapshot = sync, snapTime
+	if snap != "" {
+		defer func() {
+			if err := vol.DeleteSnapshot(snap); err != nil {
+				s.log.WithError(err).Warn("proxy: data volume")
+			}
+		}()
+	}
+	if err != nil {
+		return st, err
+	}
+	t1 := time.Now()
+	if err := container.ArchiveDir(snap, filepath.Join(imagesDir, container.VolumeArchive)); err != nil {
+		return st, err
+	}
+	st.DataArchive = time.Since(t1)
+	st.ImageBytes, _ = checkpoint.DirSize(imagesDir)
+	return st, nil
+}
+
+// restoreContainer restores the image in imagesDir as the container of s
+// (stopped). An image whose data was archived from a data volume gets a
+// fresh volume with that data, bound where the image had it.
+func restoreContainer(ctx context.Context, s *LXCServer, imagesDir string) (checkpoint.Stats, error) {
+	o := checkpoint.Options{ImagesDir: imagesDir, WorkDir: filepath.Join(s.o.LXCPath, s.o.Name+"-restore"),
+		TCPEstablished: true, FileLocks: true, CgroupRoot: "/lxc.payload." + s.o.Name}
+	archive := filepath.Join(imagesDir, container.VolumeArchive)
+	if _, err := os.Stat(archive); err != nil {
+		// CRIU brings the data tmpfs back from the image itself.
+		if err := container.OpenVolume(s.o.Name).Remove(); err != nil {
+			return checkpoint.Stats{}, err
+		}
+		return checkpoint.RestoreStats(ctx, o)
+	}
+	t0 := time.Now()
+	vol, err := container.CreateVolume(s.o.Name, s.o.DataSize)
+	if err != nil {
+		return checkpoint.Stats{}, fmt.Errorf("proxy: the checkpoint's data needs a data volume: %w", err)
+	}
+	if err := container.ExtractArchive(archive, vol.Data()); err != nil {
+		_ = vol.Remove()
+		return checkpoint.Stats{}, err
+	}
+	extract := time.Since(t0)
+	o.External = append(o.External, "mnt["+container.VolumeKey+"]:"+vol.Data())
+	st, err := checkpoint.RestoreStats(ctx, o)
+	st.DataExtract = extract
+	if err != nil {
+		_ = vol.Remove()
+	}
+	return st, err
 }

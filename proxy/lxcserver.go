@@ -517,9 +517,7 @@ func (s *LXCServer) Checkpoint(ctx context.Context, imagesDir string) (Checkpoin
 	}
 	st.Detach = time.Since(t0)
 	pid := s.InitPid()
-	ds, derr := checkpoint.Dump(ctx, checkpoint.Options{
-		Pid: pid, ImagesDir: imagesDir, LeaveRunning: true, TCPEstablished: true, FileLocks: true,
-	})
+	ds, derr := dumpContainer(ctx, s, pid, imagesDir)
 	st.Stats = ds
 	t1 := time.Now()
 	actx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -542,9 +540,7 @@ func (s *LXCServer) Restore(ctx context.Context, imagesDir string) (checkpoint.S
 	if err := s.prepareHost(); err != nil {
 		return checkpoint.Stats{}, err
 	}
-	st, err := checkpoint.RestoreStats(ctx, checkpoint.Options{ImagesDir: imagesDir,
-		WorkDir: filepath.Join(s.o.LXCPath, s.o.Name+"-restore"), TCPEstablished: true, FileLocks: true,
-		CgroupRoot: "/lxc.payload." + s.o.Name})
+	st, err := restoreContainer(ctx, s, imagesDir)
 	if err != nil {
 		return st, err
 	}

@@ -2,12 +2,16 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"os/exec"
+	"sort"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"lockstep/proxy"
 )
 
 // TestRecoverMariaDBLarge measures a recovery with a large data set: four
@@ -42,16 +46,30 @@ func TestRecoverMariaDBLarge(t *testing.T) {
 
 	tables := "sbtest1, sbtest2, sbtest3, sbtest4"
 	victim := leader%3 + 1
-	out := run(t, 20*time.Minute, c.bin, "checkpoint", "--config", c.cfg, "--id", strconv.Itoa(victim))
-	t.Logf("lockstep checkpoint --id %d: %s", victim, strings.TrimSpace(out))
-	if st, err := c.ckStatus(victim); err == nil {
-		for _, r := range st.Records {
-			if r.Op == "dump" {
-				t.Logf("replica %d: checkpoint at %d: server paused %.0f ms, replica stopped %.0f ms, image %d MiB",
-					victim, r.Index, r.PauseMS, r.ApplyStopMS, r.ImageBytes>>20)
-			}
-		}
+	others := []int{leader, 6 - leader - victim}
+	// Several checkpoints in a row (LOCKSTEP_CKPT_REPEAT, default 3): the
+	// pause on a shared machine is noisy. Each waits until the other
+	// replicas have fetched the previous one (their fetch competes for
+	// the CPUs).
+	repeat, _ := strconv.Atoi(os.Getenv("LOCKSTEP_CKPT_REPEAT"))
+	if repeat <= 0 {
+		repeat = 3
 	}
+	var pauses []float64
+	for i := 0; i < repeat; i++ {
+		out := run(t, 20*time.Minute, c.bin, "checkpoint", "--config", c.cfg, "--id", strconv.Itoa(victim))
+		var r proxy.CheckpointRecord
+		if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &r); err != nil {
+			t.Fatalf("lockstep checkpoint --id %d: %v: %s", victim, err, out)
+		}
+		pauses = append(pauses, r.PauseMS)
+		t.Logf("replica %d: checkpoint at %d: server paused %.0f ms (freezing %.0f, frozen %.0f: memdump %.0f, memwrite %.0f, "+
+			"data snapshot %.0f), data archived after it in %.0f ms, replica stopped %.0f ms, image %d MiB", victim, r.Index,
+			r.PauseMS, r.FreezingMS, r.FrozenMS, r.MemDumpMS, r.MemWriteMS, r.SnapshotMS, r.ArchiveMS, r.ApplyStopMS, r.ImageBytes>>20)
+		c.waitCompactedAt(10*time.Minute, r.Index, others...)
+	}
+	sort.Float64s(pauses)
+	t.Logf("pause over %d checkpoints: median %.0f ms, min %.0f, max %.0f", len(pauses), pauses[len(pauses)/2], pauses[0], pauses[len(pauses)-1])
 
 	// Load; the victim is killed in its middle and started again once it
 	// is over, so that "back in step" can be told from its tables alone.
@@ -67,15 +85,14 @@ func TestRecoverMariaDBLarge(t *testing.T) {
 		t.Fatalf("sysbench: %v\n%s", err, loadOut.String())
 	}
 	t.Logf("sysbench:\n%s", grepLines(loadOut.String(), "transactions:", "ignored errors:"))
-	others := []int{leader, 6 - leader - victim}
 	c.waitApplied(5*time.Minute, leader, others...)
 	want := c.sameChecksums(5*time.Minute, tables, others...)
 
 	restart := time.Now()
 	c.start(victim)
 	st, rec := c.waitRestored(20*time.Minute, victim)
-	t.Logf("replica %d restored checkpoint %s at %d (image %d MiB, restore %.0f ms) and fed its server the log to %d %.0f ms later: %.1f s after its restart",
-		victim, rec.ID, rec.Index, rec.ImageBytes>>20, rec.RestoreMS, st.CaughtUpTo, st.CaughtUpMS, time.Since(restart).Seconds())
+	t.Logf("replica %d restored checkpoint %s at %d (image %d MiB, restore %.0f ms, of which data extraction %.0f) and fed its server the log to %d %.0f ms later: %.1f s after its restart",
+		victim, rec.ID, rec.Index, rec.ImageBytes>>20, rec.RestoreMS, rec.ExtractMS, st.CaughtUpTo, st.CaughtUpMS, time.Since(restart).Seconds())
 	deadline := time.Now().Add(20 * time.Minute)
 	// Its server has done all that work when its tables are the others'
 	// (each CHECKSUM TABLE of the 4 tables takes a while itself: an upper
@@ -90,5 +107,24 @@ func TestRecoverMariaDBLarge(t *testing.T) {
 			t.Fatalf("replica %d's tables never matched: %q (%v), want %q", victim, got, err, want)
 		}
 		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// waitCompactedAt waits until each replica's log is compacted at index or
+// later (it has fetched the checkpoint taken there).
+func (c *rcluster) waitCompactedAt(timeout time.Duration, index uint64, ids ...int) {
+	c.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for _, id := range ids {
+		for {
+			st, err := c.ckStatus(id)
+			if err == nil && st.Compacted >= index {
+				break
+			}
+			if time.Now().After(deadline) {
+				c.t.Fatalf("replica %d: log not compacted at %d: %+v %v", id, index, st, err)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
 	}
 }
