@@ -63,7 +63,13 @@
 // timed waiter exists, the clock jumps to the earliest deadline after the
 // corresponding real time (the idle case; joint_sched will replace this
 // with BUBBLE events from the log). A handled signal ends a sleep early
-// with EINTR, as it ends the real call.
+// with EINTR, as it ends the real call. Only a handler of the server's
+// own does (runtime/signal.c counts them behind a trampoline installed
+// by the interposed sigaction and signal): CRIU, dumping or restoring
+// the server, makes a timed wait return EINTR with no signal at all, and
+// passing that on (a recv or accept failing with EINTR in a server
+// without handlers, on the checkpointed replica only) broke both the
+// server and the replicas' agreement.
 //
 // A call that may block in the kernel (recv, accept, connect, poll, epoll,
 // select, waitpid, sigwait, futex waits through syscall(), io_uring and

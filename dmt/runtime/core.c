@@ -650,7 +650,9 @@ static void wait_head(dmt_thread *s)
 		uint32_t z = 0;
 		if (atomic_compare_exchange_strong(&s->grant, &z, 2)) {
 			long r = futex_wait(&s->grant, 2, tp);
-			if (r == -EINTR && s->interruptible)
+			/* only if a handler ran (signal.c): CRIU's dumps and
+			 * restores make timed waits return EINTR without one */
+			if (r == -EINTR && s->interruptible && dmt_sig_gen() != s->sig_seen)
 				interrupt_wait(s);
 			if (r == -ETIMEDOUT) {
 				if (why == 1)

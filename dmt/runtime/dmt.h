@@ -71,6 +71,7 @@ struct dmt_thread {
 	int timed_out;
 	int interruptible;       /* a signal handler ends this wait (sleeps) */
 	int interrupted;
+	unsigned sig_seen;       /* dmt_sig_gen() when the wait began */
 	int detached, joined, foreign, main, exiting, tramp;
 	int stolen; /* taken out of the runq while blocked in an unknown call */
 	int in_use;
@@ -155,6 +156,7 @@ extern struct dmt_global G HIDDEN;
 /* core.c */
 HIDDEN dmt_thread *dmt_enter_slow(void);
 HIDDEN void dmt_init(void);
+HIDDEN unsigned dmt_sig_gen(void);
 HIDDEN void turn_get(dmt_thread *s);
 HIDDEN void turn_put(dmt_thread *s);
 HIDDEN int turn_wait(dmt_thread *s, const void *obj, uint64_t deadline);

@@ -487,6 +487,7 @@ static int jwait(dmt_thread *s, const void *obj, uint64_t deadline, int *timed)
 {
 	s->interruptible = 1;
 	s->interrupted = 0;
+	s->sig_seen = dmt_sig_gen();
 	int t = turn_wait(s, obj, deadline);
 	s->interruptible = 0;
 	if (timed)

@@ -744,6 +744,7 @@ static int sleep_until(dmt_thread *s, uint64_t deadline)
 {
 	s->interruptible = 1;
 	s->interrupted = 0;
+	s->sig_seen = dmt_sig_gen();
 	turn_wait(s, &s->deadline, deadline);
 	s->interruptible = 0;
 	return s->interrupted ? -1 : 0;

@@ -217,6 +217,13 @@ static int timetest(void)
 	memset(&sa, 0, sizeof sa);
 	sa.sa_handler = on_alarm;
 	sigaction(SIGALRM, &sa, 0);
+	/* the runtime counts handlers behind a trampoline of its own; the
+	 * application reads back its handler */
+	struct sigaction back;
+	if (sigaction(SIGALRM, 0, &back) != 0 || back.sa_handler != on_alarm)
+		FAIL("sigaction reads back %p, want the handler installed", (void *)back.sa_handler);
+	if (signal(SIGALRM, on_alarm) != on_alarm)
+		FAIL("signal returns another handler than the one installed");
 	alarm(1);
 	t0 = now();
 	struct timespec ten = {10, 0};
