@@ -57,6 +57,11 @@ type ServerOptions struct {
 	Command func(name string, args ...string) *exec.Cmd
 	// Dial reaches the server for health checks (default: from here).
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// HealthListen: the server is ready once a socket of this network
+	// namespace listens on its address (Listening), whatever Config.Health
+	// says; for a server under joint_sched, which must not be connected
+	// to outside the log.
+	HealthListen bool
 	// StopTimeout is the grace period of Stop (default DefaultStopTimeout).
 	StopTimeout time.Duration
 	Logger      logrus.FieldLogger
@@ -182,6 +187,10 @@ func StartServer(ctx context.Context, o ServerOptions) (*Server, error) {
 	dial := o.Dial
 	if dial == nil {
 		dial = (&net.Dialer{}).DialContext
+	}
+	if o.HealthListen {
+		dial = nil // see check
+		o.Config.Health.HTTP = ""
 	}
 	if err := s.waitHealthy(ctx, o.Config.Health, dial); err != nil {
 		tail := s.LogTail()
@@ -322,6 +331,13 @@ func (s *Server) waitHealthy(ctx context.Context, h configs.Health, dial func(co
 func (s *Server) check(ctx context.Context, path string, dial func(context.Context, string, string) (net.Conn, error), client *http.Client) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
+	if dial == nil {
+		// ServerOptions.HealthListen
+		if ok, err := Listening(s.addr); err != nil || !ok {
+			return fmt.Errorf("not listening at %s (%v)", s.addr, err)
+		}
+		return nil
+	}
 	if path == "" {
 		conn, err := dial(ctx, "tcp", s.addr)
 		if err != nil {

@@ -204,6 +204,13 @@ func (c *Chan) Consumer() int { return int(int32(atomic.LoadUint32(c.u32(chConsu
 func (c *Chan) Admitted() uint64 { return atomic.LoadUint64(c.u64(chTail)) }
 func (c *Chan) Pushed() uint64   { return atomic.LoadUint64(c.u64(chHead)) }
 
+// Unmap closes the channel and unmaps it, which lets the file (and the
+// file system it lives on) go. No call may be in progress or follow.
+func (c *Chan) Unmap() error {
+	c.Close()
+	return syscall.Munmap(c.mem)
+}
+
 // Close stops the producer: a Push waiting on a full ring returns. The
 // mapping is kept (a few hundred KiB) so that a goroutine still inside a
 // call never touches unmapped memory.

@@ -8,7 +8,7 @@ import (
 // prefixed lockstep_dmt_, read at each scrape. Register it with the
 // replica's registry: reg.MustRegister(dmt.NewCollector(opts.Shm)).
 type Collector struct {
-	path string
+	path func() string
 	descs
 }
 
@@ -19,6 +19,13 @@ type descs struct {
 
 // NewCollector returns a Collector for the statistics file at path.
 func NewCollector(path string) *Collector {
+	return NewCollectorFunc(func() string { return path })
+}
+
+// NewCollectorFunc returns a Collector for the statistics file at path(),
+// asked at each scrape (a server in a container that is replaced by a
+// restored image moves; "" while there is none).
+func NewCollectorFunc(path func() string) *Collector {
 	d := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc(prometheus.BuildFQName("lockstep", "dmt", name), help, labels, nil)
 	}
@@ -48,7 +55,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector.
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
-	st, err := ReadStats(c.path)
+	st, err := ReadStats(c.path())
 	if err != nil {
 		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, 0)
 		return

@@ -165,13 +165,6 @@ func (d *Deployment) startReplicas(ctx context.Context) error {
 		return err
 	}
 	cfg := *d.opts.Config
-	if d.opts.Mode == configs.ModeJointSched && (cfg.Checkpoint.Enabled || cfg.Checkpoint.UseContainer()) {
-		// lockstep replica --dmt refuses checkpoints: the runtime's channel
-		// is not yet part of a checkpoint.
-		d.log.Warn("eval: joint_sched runs without containers and checkpoints (not supported together yet)")
-		off := false
-		cfg.Checkpoint.Enabled, cfg.Checkpoint.Container = false, &off
-	}
 	cfg.Server.App = cfg.AppDir()
 	cfg.Cluster.DataDir = d.opts.WorkDir
 	cfg.Cluster.Replicas = nil

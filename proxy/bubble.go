@@ -5,6 +5,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"lockstep/dmt"
 )
 
 // BubbleOptions tune time bubbling (joint_sched).
@@ -40,19 +42,33 @@ var bubbleCount atomic.Uint64
 // polling; backups never propose.
 type bubbler struct {
 	r    *Replica
-	f    *DMTFeeder
+	src  bubbleSource
 	o    BubbleOptions
 	done chan struct{}
 	wg   sync.WaitGroup
 
-	inflight atomic.Bool
-	mu       sync.Mutex
-	streak   int       // bubbles in a row without input
-	inputs   uint64    // f.inputs at the last bubble
-	last     time.Time // when the last bubble was proposed
+	// inflight: a bubble was proposed and has not been fed yet. Once fed,
+	// the next one waits until the runtime starved again after it
+	// (afterStarve, the channel's starve count before the feed, plus
+	// one; 0: no condition): in a container the feed reaches the channel
+	// a little later, through the in-container feeder.
+	inflight    atomic.Bool
+	afterStarve atomic.Uint64
+	mu          sync.Mutex
+	streak      int       // bubbles in a row without input
+	inputs      uint64    // src.inputsFed() at the last bubble
+	last        time.Time // when the last bubble was proposed
 }
 
-func startBubbler(r *Replica, f *DMTFeeder, o BubbleOptions) *bubbler {
+// bubbleSource is what the bubbler watches: the runtime's input channel
+// (withChan calls fn with it, false if there is none now, between two
+// containers) and how many inputs (not bubbles) have been fed to it.
+type bubbleSource interface {
+	withChan(fn func(*dmt.Chan)) bool
+	inputsFed() uint64
+}
+
+func startBubbler(r *Replica, src bubbleSource, o BubbleOptions) *bubbler {
 	if o.Busy == 0 {
 		o.Busy = 1000
 	}
@@ -62,7 +78,7 @@ func startBubbler(r *Replica, f *DMTFeeder, o BubbleOptions) *bubbler {
 	if o.NsPerTurn == 0 {
 		o.NsPerTurn = 1000
 	}
-	b := &bubbler{r: r, f: f, o: o, done: make(chan struct{})}
+	b := &bubbler{r: r, src: src, o: o, done: make(chan struct{})}
 	b.wg.Add(1)
 	go b.loop()
 	return b
@@ -73,22 +89,44 @@ func (b *bubbler) stop() {
 	b.wg.Wait() // the loop looks at done at least every 200ms
 }
 
-// fed: a bubble reached the channel; the next may be proposed when the
-// runtime starves again.
-func (b *bubbler) fed() { b.inflight.Store(false) }
+// fed: a bubble was fed, when the channel's starve count was seen; the
+// next may be proposed when the runtime starves again.
+func (b *bubbler) fed(seen uint32) {
+	b.afterStarve.Store(uint64(seen) + 1)
+	b.inflight.Store(false)
+}
 
 func (b *bubbler) loop() {
 	defer b.wg.Done()
-	ch := b.f.ch
+	var last *dmt.Chan
 	for {
 		select {
 		case <-b.done:
 			return
 		default:
 		}
-		seen := ch.StarveCount()
-		if starving, _ := ch.Starving(); starving && !b.inflight.Load() && b.leading() &&
-			b.inflight.CompareAndSwap(false, true) {
+		var seen uint32
+		want := false
+		have := b.src.withChan(func(ch *dmt.Chan) {
+			if ch != last {
+				// a new container (a restored image): its own count
+				last = ch
+				b.afterStarve.Store(0)
+			}
+			seen = ch.StarveCount()
+			after := b.afterStarve.Load()
+			starving, _ := ch.Starving()
+			want = starving && (after == 0 || uint64(seen) != after-1) && !b.inflight.Load()
+		})
+		if !have {
+			select {
+			case <-b.done:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			continue
+		}
+		if want && b.leading() && b.inflight.CompareAndSwap(false, true) {
 			if !b.pace() {
 				return
 			}
@@ -96,7 +134,7 @@ func (b *bubbler) loop() {
 		}
 		// Woken by the runtime when it starves; the timeout only catches a
 		// change of leader while it already starved.
-		ch.WaitStarve(seen, 200*time.Millisecond)
+		b.src.withChan(func(ch *dmt.Chan) { ch.WaitStarve(seen, 200*time.Millisecond) })
 	}
 }
 
@@ -145,7 +183,7 @@ func (b *bubbler) propose() {
 	open := len(r.conns)
 	r.smu.Unlock()
 	b.mu.Lock()
-	in := b.f.inputs.Load()
+	in := b.src.inputsFed()
 	if in != b.inputs {
 		b.streak = 0
 	}

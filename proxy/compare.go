@@ -26,9 +26,13 @@ type Divergence struct {
 // of the log. It is part of the replicated state machine: every replica
 // finds the same divergences at the same log index.
 type comparator struct {
-	size int    // replicas in the cluster
+	size int    // replicas in the cluster, but for joiners not heard of yet
 	keep uint64 // log entries an incomplete comparison is kept
-	m    map[cmpKey]*cmpEntry
+	// joiners: replicas configured to join later (configs.Replica.Join),
+	// counted in size from their first report on (a replica that never
+	// joined must not hold every comparison open).
+	joiners map[uint64]bool
+	m       map[cmpKey]*cmpEntry
 
 	compared  uint64 // checkpoints every replica reported alike
 	mismatch  uint64 // checkpoints where some replica differed
@@ -45,8 +49,13 @@ type cmpEntry struct {
 	touched uint64
 }
 
-func newComparator(size int) *comparator {
-	return &comparator{size: size, keep: 1 << 18, m: map[cmpKey]*cmpEntry{}, maxRecent: 100}
+func newComparator(size int, joiners ...uint64) *comparator {
+	c := &comparator{size: size - len(joiners), keep: 1 << 18, m: map[cmpKey]*cmpEntry{}, maxRecent: 100,
+		joiners: map[uint64]bool{}}
+	for _, id := range joiners {
+		c.joiners[id] = true
+	}
+	return c
 }
 
 type digestKey struct {
@@ -58,6 +67,10 @@ type digestKey struct {
 // report records one replica's checkpoint and returns the divergences it
 // reveals.
 func (c *comparator) report(index, replica uint64, r DigestReport) []Divergence {
+	if c.joiners[replica] {
+		delete(c.joiners, replica)
+		c.size++
+	}
 	k := cmpKey{r.Conn, r.Seq}
 	e := c.m[k]
 	if e == nil {

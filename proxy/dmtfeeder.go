@@ -15,28 +15,18 @@ import (
 // deterministic runtime (dmt, with Options.Joint) and its input is gated
 // by the runtime's input channel. The bytes still travel over real TCP
 // connections (a TCPFeeder); what the channel adds is which input comes
-// next: every event fed is also written to the channel, in log order, as
-// CONNECT(conn, the feeder's source port), DATA(conn, length),
-// CLOSE(conn) or BUBBLE(ticks, the leader's time). The runtime admits one
-// entry at a time, at a fixed point of its schedule, and lets the
-// server's accept/recv/poll/epoll see only admitted input, so every
-// replica's server sees the same input at the same logical time.
-//
-// Channel connection ids are assigned in log order (0, 1, ...), so they
-// are the same on every replica.
+// next (chanFeeder). The runtime admits one entry at a time, at a fixed
+// point of its schedule, and lets the server's accept/recv/poll/epoll see
+// only admitted input, so every replica's server sees the same input at
+// the same logical time.
 //
 // The leader keeps the runtime's clock moving when the server waits for
 // input and nothing comes (time bubbling, bubble.go).
+//
+// In a container (LXCServerOptions.Joint) the in-container feeder runs
+// the chanFeeder and the replica only the bubbler.
 type DMTFeeder struct {
-	tcp *TCPFeeder
-	ch  *dmt.Chan
-	log logrus.FieldLogger
-
-	mu     sync.Mutex
-	ids    map[uint64]uint32
-	next   uint32
-	inputs atomic.Uint64 // non-bubble entries pushed
-	closed bool
+	*chanFeeder
 
 	bubbler *bubbler
 	rep     *Replica
@@ -63,11 +53,8 @@ func NewDMTFeeder(o DMTFeederOptions) func(srv Server, out Output, log logrus.Fi
 		if o.Tap != nil {
 			out = tapOutput{Output: out, tap: o.Tap}
 		}
-		f := &DMTFeeder{
-			tcp: NewTCPFeeder(TCPFeederOptions{Addr: srv.Addr, Output: out, Logger: log}),
-			ch:  o.Chan, log: log, ids: map[uint64]uint32{}, rep: rep, bopts: o.Bubbles,
-		}
-		return f
+		tcp := NewTCPFeeder(TCPFeederOptions{Addr: srv.Addr, Output: out, Logger: log})
+		return &DMTFeeder{chanFeeder: newChanFeeder(tcp, o.Chan, log), rep: rep, bopts: o.Bubbles}
 	}
 }
 
@@ -81,21 +68,6 @@ func (t tapOutput) ServerData(conn uint64, b []byte) {
 	t.Output.ServerData(conn, b)
 }
 
-func (f *DMTFeeder) push(e dmt.ChanEntry) {
-	if e.Kind != dmt.EvBubble {
-		f.inputs.Add(1)
-	}
-	if err := f.ch.Push(e); err != nil && !f.isClosed() {
-		f.log.WithError(err).Warn("proxy: dmt input channel")
-	}
-}
-
-func (f *DMTFeeder) isClosed() bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.closed
-}
-
 // Feed implements Feeder.
 func (f *DMTFeeder) Feed(c Committed) {
 	// The apply loop runs after the replica's log started: the bubbler
@@ -105,6 +77,66 @@ func (f *DMTFeeder) Feed(c Committed) {
 			f.bubbler = startBubbler(f.rep, f, f.bopts)
 		}
 	})
+	var seen uint32
+	if c.Type == Bubble {
+		seen = f.ch.StarveCount()
+	}
+	f.feed(c)
+	if c.Type == Bubble && f.bubbler != nil {
+		f.bubbler.fed(seen)
+	}
+}
+
+// withChan and inputsFed make the DMTFeeder the bubbler's source.
+func (f *DMTFeeder) withChan(fn func(*dmt.Chan)) bool { fn(f.ch); return true }
+func (f *DMTFeeder) inputsFed() uint64                { return f.inputs.Load() }
+
+// Close implements Feeder.
+func (f *DMTFeeder) Close() error {
+	if f.bubbler != nil {
+		f.bubbler.stop()
+	}
+	return f.chanFeeder.Close()
+}
+
+// chanFeeder feeds a TCPFeeder and announces every event in the runtime's
+// input channel, in log order, as CONNECT(conn, the feeder's source
+// port), DATA(conn, length), CLOSE(conn) or BUBBLE(ticks, the leader's
+// time). Channel connection ids are assigned in log order (0, 1, ...), so
+// they are the same on every replica; they are part of the feeder's state
+// (in a container, of every image).
+type chanFeeder struct {
+	tcp *TCPFeeder
+	ch  *dmt.Chan
+	log logrus.FieldLogger
+
+	mu     sync.Mutex
+	ids    map[uint64]uint32
+	next   uint32
+	inputs atomic.Uint64 // non-bubble entries pushed
+	closed bool
+}
+
+func newChanFeeder(tcp *TCPFeeder, ch *dmt.Chan, log logrus.FieldLogger) *chanFeeder {
+	return &chanFeeder{tcp: tcp, ch: ch, log: log, ids: map[uint64]uint32{}}
+}
+
+func (f *chanFeeder) push(e dmt.ChanEntry) {
+	if e.Kind != dmt.EvBubble {
+		f.inputs.Add(1)
+	}
+	if err := f.ch.Push(e); err != nil && !f.isClosed() {
+		f.log.WithError(err).Warn("proxy: dmt input channel")
+	}
+}
+
+func (f *chanFeeder) isClosed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.closed
+}
+
+func (f *chanFeeder) feed(c Committed) {
 	switch c.Type {
 	case Connect:
 		f.tcp.Feed(c)
@@ -136,15 +168,15 @@ func (f *DMTFeeder) Feed(c Committed) {
 			f.push(dmt.ChanEntry{Seq: c.Index, Kind: dmt.EvClose, Conn: id})
 		}
 	case Bubble:
+		f.tcp.Feed(c) // its index only
 		ticks := min(c.Ticks, 1<<31)
 		f.push(dmt.ChanEntry{Seq: c.Index, Kind: dmt.EvBubble, Len: uint32(ticks), LTime: c.Time})
-		if f.bubbler != nil {
-			f.bubbler.fed()
-		}
+	default:
+		f.tcp.Feed(c)
 	}
 }
 
-func (f *DMTFeeder) id(conn uint64, drop bool) (uint32, bool) {
+func (f *chanFeeder) id(conn uint64, drop bool) (uint32, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	id, ok := f.ids[conn]
@@ -155,25 +187,27 @@ func (f *DMTFeeder) id(conn uint64, drop bool) (uint32, bool) {
 }
 
 // Quiesce implements Feeder.
-func (f *DMTFeeder) Quiesce(ctx context.Context, index uint64) error {
+func (f *chanFeeder) Quiesce(ctx context.Context, index uint64) error {
 	return f.tcp.Quiesce(ctx, index)
 }
 
 // Backlog reports the bytes fed but not yet written to the server.
-func (f *DMTFeeder) Backlog() int64 { return f.tcp.Backlog() }
+func (f *chanFeeder) Backlog() int64 { return f.tcp.Backlog() }
 
-// Close implements Feeder.
-func (f *DMTFeeder) Close() error {
+// release lets the server run freely to its end: no more input will come,
+// and a signal to stop it must not wait for the log. One last, huge
+// bubble does it.
+func (f *chanFeeder) release() {
 	f.mu.Lock()
 	f.closed = true
 	f.mu.Unlock()
-	if f.bubbler != nil {
-		f.bubbler.stop()
-	}
-	// No more input will come: one last, huge bubble lets the server run
-	// freely to its end (a signal to stop it must not wait for the log).
 	f.ch.TryPush(dmt.ChanEntry{Kind: dmt.EvBubble, Len: 1 << 30})
 	f.ch.Close()
+}
+
+// Close implements Feeder.
+func (f *chanFeeder) Close() error {
+	f.release()
 	return f.tcp.Close()
 }
 

@@ -185,6 +185,34 @@ func TestComparator(t *testing.T) {
 	}
 }
 
+// A replica configured to join later counts only once it reported: until
+// then the others' reports complete a comparison.
+func TestComparatorJoiner(t *testing.T) {
+	c := newComparator(4, 4)
+	r := DigestReport{Conn: 5, Seq: 1, Len: 10, Final: true}
+	for id := uint64(1); id <= 3; id++ {
+		c.report(10, id, r)
+	}
+	if c.compared != 1 || len(c.m) != 0 {
+		t.Fatalf("without the joiner: compared %d, %d open", c.compared, len(c.m))
+	}
+	r.Conn = 6
+	c.report(20, 4, r) // the joiner's first report
+	for id := uint64(1); id <= 3; id++ {
+		c.report(21, id, r)
+	}
+	if c.compared != 2 || len(c.m) != 0 {
+		t.Fatalf("with the joiner: compared %d, %d open", c.compared, len(c.m))
+	}
+	r.Conn = 7
+	for id := uint64(1); id <= 3; id++ {
+		c.report(30, id, r)
+	}
+	if c.compared != 2 || len(c.m) != 1 {
+		t.Fatalf("a comparison completed without the joiner, now a member: compared %d, %d open", c.compared, len(c.m))
+	}
+}
+
 func TestRequiredLiteral(t *testing.T) {
 	for pat, want := range map[string]string{
 		`(?m)^Date: [^\r\n]*`:          "Date: ",

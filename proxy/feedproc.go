@@ -20,6 +20,9 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"github.com/vishvananda/netlink"
+
+	"lockstep/container"
+	"lockstep/dmt"
 )
 
 // The in-container feeder: the process that runs inside a server's
@@ -66,6 +69,8 @@ func RunFeederProcess(args []string) error {
 	// The same holds for the data queued before a client's reset.
 	grace := fs.Duration("close-grace", 5*time.Minute, "how long a closed client's connection waits for the server to end its output before it is reset, and a reset one for its queued data to be written")
 	ownLog := fs.String("log", "", "file (on the host, the same path on every replica) for the feeder's own messages")
+	listenOnly := fs.Bool("health-listen", false, "the server is ready once it listens (no connection is made: joint_sched)")
+	dmtChan := fs.String("dmt-chan", "", "joint_sched: make the deterministic runtime's shared-memory file here before the server starts, and announce every event in its input channel")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -110,6 +115,17 @@ func RunFeederProcess(args []string) error {
 			env = append(env, e)
 		}
 	}
+	var ch *dmt.Chan
+	if *dmtChan != "" {
+		// The server maps the file at its start.
+		if err := dmt.CreateChan(*dmtChan); err != nil {
+			return err
+		}
+		var err error
+		if ch, err = dmt.OpenChan(*dmtChan); err != nil {
+			return err
+		}
+	}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
@@ -126,7 +142,19 @@ func RunFeederProcess(args []string) error {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
+	fp := &feedProc{log: log, addr: *addr}
+	fp.tcp = NewTCPFeeder(TCPFeederOptions{Addr: func() string { return *addr }, Output: fp, Logger: log,
+		CloseGrace: *grace, AbortGrace: *grace,
+		// Under joint_sched the runtime admits connections in log order
+		// itself.
+		OrderConnects: ch == nil})
+	if ch != nil {
+		fp.cf = newChanFeeder(fp.tcp, ch, log)
+	}
 	stop := func() {
+		if fp.cf != nil {
+			fp.cf.release() // the server stops without waiting for the log
+		}
 		_ = syscall.Kill(-cmd.Process.Pid, syscall.Signal(*stopSig))
 		select {
 		case <-exited:
@@ -134,7 +162,7 @@ func RunFeederProcess(args []string) error {
 		}
 		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 	}
-	if err := waitReady(*addr, *health, *timeout, exited); err != nil {
+	if err := waitReady(*addr, *health, *listenOnly, *timeout, exited); err != nil {
 		stop()
 		if *logPath != "" {
 			// The server's own logs beside it (its data directory, a
@@ -163,9 +191,6 @@ func RunFeederProcess(args []string) error {
 		stop()
 		return err
 	}
-	fp := &feedProc{log: log}
-	fp.tcp = NewTCPFeeder(TCPFeederOptions{Addr: func() string { return *addr }, Output: fp, Logger: log,
-		CloseGrace: *grace, AbortGrace: *grace, OrderConnects: true})
 	go fp.acceptLoop(ln)
 
 	sigs := make(chan os.Signal, 1)
@@ -179,12 +204,38 @@ func RunFeederProcess(args []string) error {
 	}
 }
 
-func waitReady(addr, path string, timeout time.Duration, exited <-chan error) error {
+// acceptDrained waits until the server has taken every connection the
+// feeder opened from its listener's accept queue: CRIU cannot image one
+// still there. Under joint_sched a connection waits there until the
+// runtime admits its CONNECT from the channel, which it does at its own
+// pace after the feed stopped.
+func acceptDrained(ctx context.Context, addr string) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	for {
+		n, err := container.AcceptQueue(addr)
+		if err != nil || n == 0 {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%d connections still wait in the server's accept queue", n)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+func waitReady(addr, path string, listenOnly bool, timeout time.Duration, exited <-chan error) error {
 	deadline := time.Now().Add(timeout)
 	client := &http.Client{Timeout: time.Second}
 	for {
 		var err error
-		if path != "" {
+		if listenOnly {
+			var ok bool
+			if ok, err = container.Listening(addr); err == nil && !ok {
+				err = errors.New("not listening")
+			}
+		} else if path != "" {
 			var resp *http.Response
 			if resp, err = client.Get("http://" + addr + path); err == nil {
 				resp.Body.Close()
@@ -218,7 +269,9 @@ func waitReady(addr, path string, timeout time.Duration, exited <-chan error) er
 // keeps it while none is attached (across a dump).
 type feedProc struct {
 	log     logrus.FieldLogger
+	addr    string // the server's
 	tcp     *TCPFeeder
+	cf      *chanFeeder // joint_sched: the channel's side, over tcp
 	applied atomic.Uint64
 
 	mu      sync.Mutex
@@ -324,7 +377,11 @@ func (fp *feedProc) serve(c *net.UnixConn) {
 				continue
 			}
 			fp.applied.Store(index)
-			fp.tcp.Feed(Committed{Index: index, Event: ev})
+			if fp.cf != nil {
+				fp.cf.feed(Committed{Index: index, Event: ev})
+			} else {
+				fp.tcp.Feed(Committed{Index: index, Event: ev})
+			}
 		case frameQuiesce:
 			token, rest, err1 := frameU64(p)
 			index, _, err2 := frameU64(rest)
@@ -338,11 +395,13 @@ func (fp *feedProc) serve(c *net.UnixConn) {
 				msg := ""
 				if err := fp.tcp.Quiesce(ctx, index); err != nil {
 					msg = err.Error()
+				} else if err := acceptDrained(ctx, fp.addr); err != nil {
+					msg = err.Error()
 				}
 				fp.send(appendFrame(nil, frameQuiesced, u64(token), []byte(msg)))
 			}()
 		case frameOrder:
-			fp.tcp.SetOrderConnects(len(p) == 1 && p[0] == 1)
+			fp.tcp.SetOrderConnects(len(p) == 1 && p[0] == 1) // a no-op under joint_sched
 		case frameDetach:
 			fp.detach(c, true)
 			return

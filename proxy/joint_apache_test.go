@@ -78,7 +78,7 @@ func jointApache(t *testing.T, mpm string) {
 				return nil, err
 			}
 			return StartExec(ctx, ExecOptions{Args: []string{"/usr/sbin/apache2", "-f", filepath.Join(dir, "apache2.conf"), "-DFOREGROUND"},
-				Dir: dir, Addr: addr, Env: env, StopSignal: syscall.SIGTERM})
+				Dir: dir, Addr: addr, Env: env, StopSignal: syscall.SIGTERM, HealthListen: true})
 		}
 	}
 	opts := func(o *Options) {

@@ -55,7 +55,7 @@ func TestMariaDBJointSched(t *testing.T) {
 				"--port=" + port, "--bind-address=127.0.0.1", "--skip-grant-tables", "--skip-name-resolve",
 				"--pid-file=" + filepath.Join(dir, "mariadbd.pid"), "--log-error=" + filepath.Join(dir, "error.log"),
 				"--innodb-buffer-pool-size=128M"}, asRoot...)
-			return StartExec(ctx, ExecOptions{Args: args, Dir: dir, Addr: addr, Env: env, StopSignal: syscall.SIGTERM, HealthTimeout: 90 * time.Second})
+			return StartExec(ctx, ExecOptions{Args: args, Dir: dir, Addr: addr, Env: env, StopSignal: syscall.SIGTERM, HealthTimeout: 90 * time.Second, HealthListen: true})
 		}
 	}
 	// The shipped config's masks: its byte ranges blank the login

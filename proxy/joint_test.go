@@ -134,7 +134,7 @@ func racyCluster(t *testing.T, joint bool, clients, reqs int, req string) (*tran
 		return func(ctx context.Context) (Server, error) {
 			dir, addr := dirOf(id), freePort(t)
 			_, port, _ := net.SplitHostPort(addr)
-			o := ExecOptions{Args: []string{racy, "-p", port}, Dir: dir, Addr: addr}
+			o := ExecOptions{Args: []string{racy, "-p", port}, Dir: dir, Addr: addr, HealthListen: joint}
 			if joint {
 				shm := filepath.Join(dir, "dmt.shm")
 				if err := dmt.CreateChan(shm); err != nil {

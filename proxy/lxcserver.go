@@ -24,6 +24,7 @@ import (
 
 	"lockstep/checkpoint"
 	"lockstep/container"
+	"lockstep/dmt"
 )
 
 // LXCServerOptions describe a server run in an LXC container under the
@@ -54,7 +55,13 @@ type LXCServerOptions struct {
 	// Feeder is the binary run as the container's feeder (default: this
 	// process's executable, which links this package).
 	Feeder string
-	Logger logrus.FieldLogger
+	// Joint runs the server under the deterministic runtime fed by the
+	// log (joint_sched, lxcjoint.go); DMT tunes the runtime (its Shm and
+	// Joint are set here) and Bubbles the leader's time bubbles.
+	Joint   bool
+	DMT     dmt.Options
+	Bubbles BubbleOptions
+	Logger  logrus.FieldLogger
 }
 
 // LXCServer is a server in an LXC container with its own network
@@ -82,6 +89,8 @@ type LXCServer struct {
 
 	exited   chan struct{}
 	exitOnce sync.Once
+
+	joint lxcJoint // joint_sched (lxcjoint.go)
 }
 
 // NewLXCServer makes the server; nothing runs until Start or Restore.
@@ -106,7 +115,12 @@ func NewLXCServer(o LXCServerOptions) (*LXCServer, error) {
 		if err != nil {
 			return nil, err
 		}
-		if o.Feeder, err = stableCopy(self, o.LXCPath); err != nil {
+		if o.Feeder, err = stableCopy(self, o.LXCPath, "feeder-", ""); err != nil {
+			return nil, err
+		}
+	}
+	if o.Joint {
+		if err := jointOptions(&o); err != nil {
 			return nil, err
 		}
 	}
@@ -174,7 +188,11 @@ func (s *LXCServer) Start(ctx context.Context) error {
 	args := []string{s.o.Feeder,
 		"-socket", FeederSocket, "-server-addr", s.o.Addr, "-health-http", s.o.HealthHTTP,
 		"-health-timeout", s.o.HealthTimeout.String(), "-stop-signal", strconv.Itoa(int(s.o.StopSignal)),
-		"-server-log", filepath.Join(s.o.DataDir, "server.log"), "-log", s.o.Console, "--"}
+		"-server-log", filepath.Join(s.o.DataDir, "server.log"), "-log", s.o.Console}
+	if s.o.Joint {
+		args = append(args, "-dmt-chan", s.o.DMT.Shm, "-health-listen")
+	}
+	args = append(args, "--")
 	args = append(args, s.o.Command...)
 	env := append([]string{FeederProcessEnv + "=1", "GODEBUG=multipathtcp=0",
 		// The deterministic runtime's shared memory (statistics and the
@@ -408,6 +426,14 @@ func (s *LXCServer) writeLocked(frame []byte) error {
 
 // Feed implements Feeder.
 func (s *LXCServer) Feed(c Committed) {
+	if s.o.Joint {
+		s.feedJoint(c)
+		return
+	}
+	s.feed(c)
+}
+
+func (s *LXCServer) feed(c Committed) {
 	frame := appendFrame(make([]byte, 0, 32+len(c.Data)), frameEvent, u64(c.Index), EncodeEvent(c.Event))
 	s.mu.Lock()
 	if s.closed {
@@ -564,6 +590,7 @@ func (s *LXCServer) Restore(ctx context.Context, imagesDir string) (checkpoint.S
 // stopContainer stops the current container, if any, without reporting
 // it as an exit.
 func (s *LXCServer) stopContainer() error {
+	s.dropChan()
 	s.mu.Lock()
 	l := s.lxc
 	c := s.conn
@@ -584,6 +611,7 @@ func (s *LXCServer) stopContainer() error {
 
 // Close implements Feeder: the connection to the feeder is dropped.
 func (s *LXCServer) Close() error {
+	s.stopJoint()
 	s.mu.Lock()
 	s.closed = true
 	c := s.conn
@@ -606,12 +634,14 @@ func (s *LXCServer) Stop() error {
 	return s.stopContainer()
 }
 
-// stableCopy copies the feeder's binary to a path named after its
-// content (<dir>/feeder-<sha256 prefix>): an image refers to the binary by
-// path, so the file must neither change under a running container (CRIU
-// cannot dump a process whose executable was replaced) nor differ where the
-// image is restored (the same binary gets the same path on every replica).
-func stableCopy(path, dir string) (string, error) {
+// stableCopy copies a file the container runs (the feeder's binary, the
+// runtime's library) to a path named after its content (<dir>/<prefix>
+// <sha256 prefix><suffix>): an image refers to it by path, so the file
+// must neither change under a running container (CRIU cannot dump a
+// process whose executable or mapped library was replaced) nor differ
+// where the image is restored (the same file gets the same path on every
+// replica).
+func stableCopy(path, dir, prefix, suffix string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", err
@@ -621,14 +651,14 @@ func stableCopy(path, dir string) (string, error) {
 	if _, err := io.Copy(h, f); err != nil {
 		return "", err
 	}
-	dst := filepath.Join(dir, "feeder-"+hex.EncodeToString(h.Sum(nil))[:16])
+	dst := filepath.Join(dir, prefix+hex.EncodeToString(h.Sum(nil))[:16]+suffix)
 	if _, err := os.Stat(dst); err == nil {
 		return dst, nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
 	}
-	tmp, err := os.CreateTemp(dir, ".feeder-*")
+	tmp, err := os.CreateTemp(dir, "."+prefix+"*")
 	if err != nil {
 		return "", err
 	}

@@ -256,7 +256,7 @@ func Start(ctx context.Context, o Options) (_ *Replica, err error) {
 	}
 	self, _ := o.self()
 	r := &Replica{
-		o: o, log: o.Logger, conns: map[uint64]*connState{}, cmp: newComparator(len(o.Replicas)),
+		o: o, log: o.Logger, conns: map[uint64]*connState{}, cmp: newComparator(len(o.Replicas), joiners(o.Replicas)...),
 		sem: make(chan struct{}, o.MaxConnections), sessions: map[uint64]*session{}, relays: map[*relay]struct{}{},
 		digests: map[uint64]*digester{}, done: make(chan struct{}), servingCh: make(chan struct{}),
 	}
@@ -821,6 +821,17 @@ type Status struct {
 	Divergences    uint64       `json:"divergences"`
 	DivergenceList []Divergence `json:"divergence_list,omitempty"`
 	Error          string       `json:"error,omitempty"`
+}
+
+// joiners are the replicas configured to join later.
+func joiners(reps []configs.Replica) []uint64 {
+	var ids []uint64
+	for _, r := range reps {
+		if r.Join {
+			ids = append(ids, r.ID)
+		}
+	}
+	return ids
 }
 
 // Status is a snapshot of the replica's state.

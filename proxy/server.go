@@ -16,6 +16,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"lockstep/container"
 )
 
 // Server is one running copy of the replicated server, as the proxy sees
@@ -43,7 +45,10 @@ type ExecOptions struct {
 	Addr string
 	// HealthHTTP, if set, is a path that must answer an HTTP GET; else a
 	// TCP connect is enough.
-	HealthHTTP    string
+	HealthHTTP string
+	// HealthListen: ready once a socket listens on Addr (under
+	// joint_sched, which keeps a check's connection; container.Listening).
+	HealthListen  bool
 	HealthTimeout time.Duration // default 10s
 	StopSignal    syscall.Signal
 	// PIDFile, if set, records the process group so that a restarted
@@ -105,7 +110,12 @@ func (s *ExecServer) waitHealthy(ctx context.Context) error {
 	client := &http.Client{Timeout: time.Second}
 	for {
 		var err error
-		if s.o.HealthHTTP != "" {
+		if s.o.HealthListen {
+			var ok bool
+			if ok, err = container.Listening(s.o.Addr); err == nil && !ok {
+				err = errors.New("not listening")
+			}
+		} else if s.o.HealthHTTP != "" {
 			var resp *http.Response
 			req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+s.o.Addr+s.o.HealthHTTP, nil)
 			if resp, err = client.Do(req); err == nil {

@@ -13,6 +13,9 @@
  *             sleeps, then feed each other through a bounded queue. Reply:
  *             "OK hash=<h> seq=<order of appends> got=<who consumed what>
  *             rd=<what readers saw>"
+ *   STATE     the server's state: "STATE runs=<n> hash=<h>", every RUN's
+ *             hash folded in the order the runs ended, over all
+ *             connections (so it also depends on how they interleaved)
  *   QUIT      exit the server
  * Everything in the reply comes from the interleaving, nothing from time,
  * addresses or thread ids.
@@ -230,6 +233,29 @@ static int send_all(int fd, const char *p, size_t n)
 	return 0;
 }
 
+/* The server's state across connections: every run's hash, in the order
+ * the runs ended. */
+static pthread_mutex_t state_mu = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t state_hash = 1469598103934665603ull;
+static unsigned long state_runs;
+
+static void state_add(const char *reply)
+{
+	pthread_mutex_lock(&state_mu);
+	state_hash = fnv(state_hash, reply, strlen(reply));
+	state_runs++;
+	pthread_mutex_unlock(&state_mu);
+}
+
+static char *state(void)
+{
+	char *out = malloc(64);
+	pthread_mutex_lock(&state_mu);
+	snprintf(out, 64, "STATE runs=%lu hash=%016llx\n", state_runs, (unsigned long long)state_hash);
+	pthread_mutex_unlock(&state_mu);
+	return out;
+}
+
 static void *serve(void *arg)
 {
 	int fd = (int)(intptr_t)arg;
@@ -255,8 +281,11 @@ static void *serve(void *arg)
 		} else if (sscanf(buf, "RUN %d %d", &k, &n) == 2 && k >= 2 && k <= 16 && n >= 1 &&
 			   n <= 500) {
 			reply = run(k, n);
+			state_add(reply);
+		} else if (strncmp(buf, "STATE", 5) == 0) {
+			reply = state();
 		} else {
-			reply = strdup("ERR usage: RUN k n | QUIT\n");
+			reply = strdup("ERR usage: RUN k n | STATE | QUIT\n");
 		}
 		int bad = send_all(fd, reply, strlen(reply));
 		free(reply);

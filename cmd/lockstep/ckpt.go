@@ -14,11 +14,13 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 
 	"lockstep/configs"
 	"lockstep/container"
+	"lockstep/dmt"
 	"lockstep/proxy"
 )
 
@@ -30,7 +32,7 @@ const rebuildMarker = "rebuild"
 // container, with checkpoints and recovery when the config enables them.
 // A replica stopped with proxy.ErrRebuild starts again, fetching from a
 // peer.
-func runContainerReplica(cfg *configs.Config, id uint64, dataDir string, join bool) error {
+func runContainerReplica(cfg *configs.Config, id uint64, dataDir string, join, useDMT bool) error {
 	log := logrus.WithFields(logrus.Fields{"app": cfg.Name})
 	dataDir, err := filepath.Abs(dataDir)
 	if err != nil {
@@ -52,7 +54,7 @@ func runContainerReplica(cfg *configs.Config, id uint64, dataDir string, join bo
 			_ = os.Remove(marker)
 			log.Warn("rebuilding: this replica's checkpoints are wiped; its snapshot's checkpoint comes from a peer")
 		}
-		r, err := startContainerReplica(ctx, cfg, id, dataDir, join, fromPeers, log)
+		r, err := startContainerReplica(ctx, cfg, id, dataDir, join, fromPeers, useDMT, log)
 		if err != nil {
 			return err
 		}
@@ -70,7 +72,7 @@ func runContainerReplica(cfg *configs.Config, id uint64, dataDir string, join bo
 	}
 }
 
-func startContainerReplica(ctx context.Context, cfg *configs.Config, id uint64, dataDir string, join, fromPeers bool, log logrus.FieldLogger) (*proxy.Replica, error) {
+func startContainerReplica(ctx context.Context, cfg *configs.Config, id uint64, dataDir string, join, fromPeers, useDMT bool, log logrus.FieldLogger) (*proxy.Replica, error) {
 	name := fmt.Sprintf("ls-%s-%d", cfg.Name, id)
 	seed := filepath.Join(dataDir, "seed")
 	if err := os.RemoveAll(seed); err != nil {
@@ -91,7 +93,7 @@ func startContainerReplica(ctx context.Context, cfg *configs.Config, id uint64, 
 		SeedDir: seed, DataDir: cfg.Checkpoint.DataDir, DataSize: cfg.Checkpoint.DataSize,
 		Addr: prep.Addr, HealthHTTP: cfg.Server.Health.HTTP, HealthTimeout: cfg.Server.Health.Timeout(),
 		StopSignal: prep.StopSignal, Console: filepath.Join(container.DefaultLXCPath, "console-"+cfg.Name+".log"),
-		Logger: log,
+		Joint: useDMT, Logger: log,
 	})
 	if err != nil {
 		return nil, err
@@ -104,6 +106,13 @@ func startContainerReplica(ctx context.Context, cfg *configs.Config, id uint64, 
 	every := cfg.Checkpoint.EveryEntries
 	if !cfg.Checkpoint.Enabled {
 		every = 0
+	}
+	if useDMT {
+		// The runtime's counters, read from the current container.
+		opts.Registry = prometheus.NewRegistry()
+		if err := opts.Registry.Register(dmt.NewCollectorFunc(srv.ShmPath)); err != nil {
+			return nil, err
+		}
 	}
 	opts.Checkpoints = &proxy.CheckpointOptions{
 		Server: srv, StoreDir: filepath.Join(dataDir, "checkpoints"), App: cfg.Name,

@@ -37,8 +37,5 @@ func jointSched(cfg *configs.Config, opts *proxy.Options, dataDir string) ([]str
 	if err := opts.Registry.Register(dmt.NewCollector(shm)); err != nil {
 		return nil, err
 	}
-	// A request of the health check would never be admitted (it is not in
-	// the log): a TCP connect is all the server can be asked.
-	cfg.Server.Health.HTTP = ""
 	return env, nil
 }

@@ -119,24 +119,32 @@ type rcluster struct {
 // true if join) from configs/<app>.toml with extra [checkpoint] settings.
 func newRCluster(t *testing.T, app string, n int, join bool, checkpointTOML string, edit func(string) string) *rcluster {
 	t.Helper()
+	raw, err := os.ReadFile(filepath.Join("..", "..", "configs", app+".toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return newRClusterFrom(t, app, string(raw), n, join, checkpointTOML, edit)
+}
+
+// newRClusterFrom is newRCluster with the app's config given as text.
+func newRClusterFrom(t *testing.T, app, s string, n int, join bool, checkpointTOML string, edit func(string) string) *rcluster {
+	t.Helper()
 	bin := lockstepBin(t)
 	c := &rcluster{t: t, bin: bin, dir: t.TempDir(), n: n, procs: map[int]*exec.Cmd{}, ports: freePorts(t, 3*n)}
 	// The data directory's parents must be searchable by servers that
 	// drop privileges.
 	_ = os.Chmod(c.dir, 0o755)
 	_ = os.Chmod(filepath.Dir(c.dir), 0o755)
-	raw, err := os.ReadFile(filepath.Join("..", "..", "configs", app+".toml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := string(raw)
 	c.name = fmt.Sprintf("t%s%d", app[:3], os.Getpid()%10000)
 	s = regexp.MustCompile(`(?m)^name = .*$`).ReplaceAllString(s, fmt.Sprintf("name = %q", c.name))
 	appDir, _ := filepath.Abs(filepath.Join("..", "..", "apps", app))
 	s = regexp.MustCompile(`(?m)^app = .*$`).ReplaceAllString(s, fmt.Sprintf("app = %q", appDir))
 	s = regexp.MustCompile(`(?m)^data_dir = "/tmp.*$`).ReplaceAllString(s, fmt.Sprintf("data_dir = %q", c.dir))
 	s = strings.Replace(s, "no_sync = false", "no_sync = true", 1)
-	s = regexp.MustCompile(`(?ms)^\[checkpoint\].*?(^\[client\])`).ReplaceAllString(s, "$1")
+	// The app's [checkpoint] table goes (the test's own is appended), up to
+	// the next table, whatever it is ([[output.mask]] follows it in
+	// mariadb.toml).
+	s = regexp.MustCompile(`(?ms)^\[checkpoint\]\n.*?(^\[)`).ReplaceAllString(s, "$1")
 	var reps strings.Builder
 	for i := 1; i <= n; i++ {
 		fmt.Fprintf(&reps, "\n[[cluster.replica]]\nid = %d\npeer = \"127.0.0.1:%d\"\nlisten = \"127.0.0.1:%d\"\nadmin = \"127.0.0.1:%d\"\n",
@@ -518,6 +526,72 @@ func (c *rcluster) sameChecksums(timeout time.Duration, tables string, ids ...in
 	}
 }
 
+// checksums is sameChecksums, or under joint_sched loggedChecksums.
+func (c *rcluster) checksums(joint bool, leader int, tables string, ids ...int) string {
+	c.t.Helper()
+	if joint {
+		return c.loggedChecksums(leader, tables, ids...)
+	}
+	return c.sameChecksums(60*time.Second, tables, ids...)
+}
+
+// loggedChecksums runs CHECKSUM TABLE through the leader: under
+// joint_sched a connection to a server that is not in the log is never
+// admitted (mariadbChecksums cannot ask the backups). Every replica's
+// server answers it from the log and the answers are compared as output
+// digests: each of ids must compare more digests alike, and none may
+// diverge on the query's connection, whose whole output (handshake and
+// answer) is one small final digest checkpoint. Divergences revealed
+// meanwhile on sysbench's connections (long outputs; a replica restored
+// from a checkpoint reports them late) are logged: a residual of
+// joint_sched for MariaDB (dmt/doc.go).
+func (c *rcluster) loggedChecksums(leader int, tables string, ids ...int) string {
+	c.t.Helper()
+	c.settleDigests(leader)
+	before := map[int]proxy.Status{}
+	for _, id := range ids {
+		s, err := c.status(id)
+		if err != nil {
+			c.t.Fatal(err)
+		}
+		before[id] = s
+	}
+	host, port, _ := net.SplitHostPort(c.clientAddr(leader))
+	sum := strings.TrimSpace(run(c.t, time.Minute, "mariadb", "-h"+host, "-P"+port, "-usbtest", "sbtest", "-N", "-e", "CHECKSUM TABLE "+tables))
+	deadline := time.Now().Add(60 * time.Second)
+	for _, id := range ids {
+		for {
+			s, err := c.status(id)
+			if err == nil && s.DigestsCompared > before[id].DigestsCompared {
+				break
+			}
+			if time.Now().After(deadline) {
+				c.t.Fatalf("replica %d compared no digest of CHECKSUM TABLE: %+v %v", id, s, err)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	c.settleDigests(leader)
+	for _, id := range ids {
+		s, err := c.status(id)
+		if err != nil {
+			c.t.Fatal(err)
+		}
+		n := int(s.Divergences - before[id].Divergences)
+		if n == 0 {
+			continue
+		}
+		news := s.DivergenceList[max(len(s.DivergenceList)-n, 0):]
+		for _, d := range news {
+			if d.Final && d.Seq <= 1 && d.Len < 4096 {
+				c.t.Fatalf("replica %d: CHECKSUM TABLE through the log diverged: %+v", id, d)
+			}
+		}
+		c.t.Logf("replica %d: %d divergences on sysbench's connections revealed meanwhile: %+v", id, n, news)
+	}
+	return sum
+}
+
 func sysbench(addr string, args ...string) []string { return sysbenchTables(addr, 2, 5000, args...) }
 
 // sysbenchTables: oltp_read_write's arguments for tables of rows each,
@@ -541,6 +615,22 @@ func TestRecoverMariaDB(t *testing.T) {
 	if os.Getenv("LOCKSTEP_SOAK") == "" {
 		t.Skip("MariaDB kill/restore/join under sysbench: long; run with LOCKSTEP_SOAK=1 (make soak)")
 	}
+	recoverMariaDB(t, false, 1, 25, 15)
+}
+
+// TestRecoverMariaDBJointSched is TestRecoverMariaDB under joint_sched
+// (the servers under the deterministic runtime fed by the log, every
+// image carrying the runtime and its input channel) with 4 sysbench
+// threads, shorter.
+func TestRecoverMariaDBJointSched(t *testing.T) {
+	recoverMariaDB(t, true, 4, 15, 10)
+}
+
+// recoverMariaDB: sysbench runs against the leader (threads, for
+// killSecs, then for joinSecs); a backup is SIGKILLed with its container,
+// started again; then a fresh replica joins. Joint runs the servers under
+// joint_sched.
+func recoverMariaDB(t *testing.T, joint bool, threads, killSecs, joinSecs int) {
 	needRecoveryTools(t, "/usr/sbin/mariadbd", "mariadb-install-db", "sysbench", "nsenter")
 	c := newRCluster(t, "mariadb", 4, true, "enabled = true\nevery_entries = 1000\nkeep = 2\nkeep_entries = 200\ndata_size = \"512m\"",
 		func(s string) string {
@@ -550,15 +640,19 @@ func TestRecoverMariaDB(t *testing.T) {
 			s = strings.Replace(s, "election_ticks = 10", "election_ticks = 30", 1)
 			return strings.Replace(s, `MARIADB_BUFFER_POOL = "256M"`, `MARIADB_BUFFER_POOL = "32M"`, 1)
 		})
+	var flags []string
+	if joint {
+		flags = []string{"--dmt"}
+	}
 	for i := 1; i <= 3; i++ {
-		c.start(i)
+		c.start(i, flags...)
 	}
 	leader := c.waitServing(90*time.Second, 1, 2, 3)
 	addr := c.clientAddr(leader)
 	run(t, 2*time.Minute, "sysbench", sysbench(addr, "prepare")...)
 
 	victim := leader%3 + 1
-	load := exec.Command("sysbench", sysbench(addr, "--threads=1", "--time=25", "--report-interval=0", "run")...)
+	load := exec.Command("sysbench", sysbench(addr, fmt.Sprintf("--threads=%d", threads), fmt.Sprintf("--time=%d", killSecs), "--report-interval=0", "run")...)
 	var loadOut bytes.Buffer
 	load.Stdout, load.Stderr = &loadOut, &loadOut
 	if err := load.Start(); err != nil {
@@ -590,7 +684,7 @@ func TestRecoverMariaDB(t *testing.T) {
 	t.Logf("replica %d (a backup) SIGKILLed with its container", victim)
 	time.Sleep(2 * time.Second)
 	restart := time.Now()
-	c.start(victim)
+	c.start(victim, flags...)
 	st, rec := c.waitRestored(60*time.Second, victim)
 	t.Logf("replica %d restored checkpoint %s at %d (image %d KiB, fetched %v, restore %.0f ms), replayed to %d %.0f ms later (%.0f entries/s); %.1f s after its restart",
 		victim, rec.ID, rec.Index, rec.ImageBytes>>10, rec.Fetched, rec.RestoreMS, st.CaughtUpTo, st.CaughtUpMS,
@@ -599,21 +693,23 @@ func TestRecoverMariaDB(t *testing.T) {
 		t.Fatalf("sysbench: %v\n%s", err, loadOut.String())
 	}
 	t.Logf("sysbench:\n%s", grepLines(loadOut.String(), "transactions:", "ignored errors:"))
-	if !regexp.MustCompile(`ignored errors:\s+0 `).MatchString(loadOut.String()) {
+	// With more than one thread InnoDB may pick a deadlock victim, which
+	// sysbench retries and counts as ignored; sysbench fails on any other.
+	if threads == 1 && !regexp.MustCompile(`ignored errors:\s+0 `).MatchString(loadOut.String()) {
 		t.Errorf("sysbench saw errors:\n%s", loadOut.String())
 	}
 	c.waitApplied(60*time.Second, leader, 1, 2, 3)
-	sum := c.sameChecksums(60*time.Second, "sbtest1, sbtest2", 1, 2, 3)
+	sum := c.checksums(joint, leader, "sbtest1, sbtest2", 1, 2, 3)
 	t.Logf("after the recovery, CHECKSUM TABLE alike on replicas 1-3: %s", strings.ReplaceAll(sum, "\n", "; "))
 
 	// A fresh replica joins under load.
-	load = exec.Command("sysbench", sysbench(addr, "--threads=1", "--time=15", "--report-interval=0", "run")...)
+	load = exec.Command("sysbench", sysbench(addr, fmt.Sprintf("--threads=%d", threads), fmt.Sprintf("--time=%d", joinSecs), "--report-interval=0", "run")...)
 	loadOut.Reset()
 	load.Stdout, load.Stderr = &loadOut, &loadOut
 	if err := load.Start(); err != nil {
 		t.Fatal(err)
 	}
-	c.start(4, "--join")
+	c.start(4, append([]string{"--join"}, flags...)...)
 	time.Sleep(time.Second)
 	joined := time.Now()
 	out := run(t, time.Minute, c.bin, "join", "--config", c.cfg, "--id", "4")
@@ -638,10 +734,17 @@ func TestRecoverMariaDB(t *testing.T) {
 		t.Fatalf("sysbench: %v\n%s", err, loadOut.String())
 	}
 	c.waitApplied(60*time.Second, leader, 1, 2, 3, 4)
-	sum4 := c.sameChecksums(60*time.Second, "sbtest1, sbtest2", 1, 2, 3, 4)
+	sum4 := c.checksums(joint, leader, "sbtest1, sbtest2", 1, 2, 3, 4)
 	t.Logf("after the join, CHECKSUM TABLE alike on replicas 1-4: %s", strings.ReplaceAll(sum4, "\n", "; "))
 	if sum4 == sum {
 		t.Error("the tables did not change during the join's load")
+	}
+	for id := 1; id <= 4; id++ {
+		// Reported, not asserted: under proxy_only replies differ by
+		// design, and under joint_sched a few may (dmt/doc.go).
+		if s, err := c.status(id); err == nil {
+			t.Logf("replica %d: %d output digests compared alike, %d divergences", id, s.DigestsCompared, s.Divergences)
+		}
 	}
 }
 

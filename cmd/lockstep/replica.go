@@ -81,11 +81,8 @@ reset, the log is closed cleanly and the server stopped.`,
 }
 
 func runReplica(cfg *configs.Config, id uint64, dataDir string, join, useDMT bool) error {
-	if useDMT && (cfg.Checkpoint.Enabled || cfg.Checkpoint.UseContainer()) {
-		return errors.New("--dmt: joint_sched does not run with checkpoints yet")
-	}
 	if cfg.Checkpoint.Enabled || cfg.Checkpoint.UseContainer() {
-		return runContainerReplica(cfg, id, dataDir, join)
+		return runContainerReplica(cfg, id, dataDir, join, useDMT)
 	}
 	if join {
 		return errors.New("--join needs checkpoints ([checkpoint] enabled = true)")
@@ -121,7 +118,7 @@ func runReplica(cfg *configs.Config, id uint64, dataDir string, join, useDMT boo
 	}
 	opts.StartServer = func(ctx context.Context) (proxy.Server, error) {
 		s, err := container.StartServer(ctx, container.ServerOptions{
-			Config: cfg.Server, AppDir: cfg.AppDir(), Dir: serverDir, Env: dmtEnv,
+			Config: cfg.Server, AppDir: cfg.AppDir(), Dir: serverDir, Env: dmtEnv, HealthListen: useDMT,
 			Name: fmt.Sprintf("%s-%d", cfg.Name, id), Logger: log,
 		})
 		if err != nil {
