@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"os"
 	"os/exec"
@@ -94,9 +95,26 @@ func TestRecoverMariaDBLarge(t *testing.T) {
 	t.Logf("replica %d restored checkpoint %s at %d (image %d MiB, restore %.0f ms, of which data extraction %.0f) and fed its server the log to %d %.0f ms later: %.1f s after its restart",
 		victim, rec.ID, rec.Index, rec.ImageBytes>>20, rec.RestoreMS, rec.ExtractMS, st.CaughtUpTo, st.CaughtUpMS, time.Since(restart).Seconds())
 	deadline := time.Now().Add(20 * time.Minute)
-	// Its server has done all that work when its tables are the others'
-	// (each CHECKSUM TABLE of the 4 tables takes a while itself: an upper
-	// bound).
+	// Its server has done all the work in the log once it has committed
+	// as many transactions as the others (a cheap probe, polled often);
+	// its tables must then be the others'.
+	commits, err := c.mariadbStatus(others[0], "Com_commit")
+	if err != nil {
+		t.Fatalf("replica %d: %v: %s", others[0], err, commits)
+	}
+	for {
+		got, err := c.mariadbStatus(victim, "Com_commit")
+		if err == nil && got == commits {
+			t.Logf("replica %d committed as many transactions as the others (%s) %.1f s after its restart", victim, got, time.Since(restart).Seconds())
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replica %d's commits never matched: %q (%v), want %q", victim, got, err, commits)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// Each CHECKSUM TABLE of the 4 tables takes a while itself: an upper
+	// bound.
 	for {
 		got, err := c.mariadbChecksums(victim, tables)
 		if err == nil && got == want {
@@ -108,6 +126,19 @@ func TestRecoverMariaDBLarge(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+}
+
+// mariadbStatus is a global status variable of replica id's server.
+func (c *rcluster) mariadbStatus(id int, name string) (string, error) {
+	st, err := c.ckStatus(id)
+	if err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "nsenter", "-t", strconv.Itoa(st.InitPid), "-n", "mariadb", "-h127.0.0.1", "-P3306",
+		"-usbtest", "sbtest", "-N", "-e", "SHOW GLOBAL STATUS LIKE '"+name+"'").CombinedOutput()
+	return strings.TrimSpace(string(out)), err
 }
 
 // waitCompactedAt waits until each replica's log is compacted at index or
