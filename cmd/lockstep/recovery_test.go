@@ -659,17 +659,7 @@ func recoverMariaDB(t *testing.T, joint bool, threads, killSecs, joinSecs int) {
 		t.Fatal(err)
 	}
 	// Wait for a checkpoint of the victim, or at least one it can fetch.
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		st, err := c.ckStatus(victim)
-		if err == nil && st.Compacted > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no checkpoint on replica %d: %+v %v", victim, st, err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	c.waitCompactedAt(60*time.Second, 1, victim)
 	for _, id := range []int{1, 2, 3} {
 		if st, err := c.ckStatus(id); err == nil {
 			for _, r := range st.Records {
@@ -714,7 +704,7 @@ func recoverMariaDB(t *testing.T, joint bool, threads, killSecs, joinSecs int) {
 	joined := time.Now()
 	out := run(t, time.Minute, c.bin, "join", "--config", c.cfg, "--id", "4")
 	t.Log(strings.TrimSpace(out))
-	deadline = time.Now().Add(90 * time.Second)
+	deadline := time.Now().Add(90 * time.Second)
 	for {
 		st, err := c.ckStatus(4)
 		ns := nodeStatus(c, leader)
