@@ -234,6 +234,9 @@ func (c *rcluster) stopAll() {
 			_ = os.RemoveAll(filepath.Join(container.DefaultLXCPath, name+"-restore"))
 		}
 		_ = os.Remove(filepath.Join(container.DefaultLXCPath, "console-"+c.name+".log"))
+		// The containers' data directory (default checkpoint.data_dir),
+		// an empty mount point on the host once they are all gone.
+		_ = os.Remove(filepath.Join("/run/lockstep-data", c.name))
 	}()
 	if c.t.Failed() {
 		for i := 1; i <= c.n; i++ {
