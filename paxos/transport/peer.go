@@ -9,6 +9,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -17,7 +18,8 @@ import (
 )
 
 // peer owns the outbound stream to one peer: a bounded queue filled by Send
-// and one writer goroutine (run) that dials, drains and redials.
+// and one writer goroutine (run) that dials, drains and redials. While the
+// writer is idle, Send writes to the stream itself (writeDirect).
 type peer struct {
 	t       *TCP
 	id      uint64
@@ -37,6 +39,17 @@ type peer struct {
 	addr string
 	conn net.Conn // current stream, so that stop and setAddr can break it
 
+	// The stream is written either by Send's caller directly (a
+	// non-blocking write, when the writer has nothing to do: no goroutine
+	// to wake on the commit path) or by the writer goroutine; wmu and busy
+	// keep the two apart and the frames in order.
+	wmu     sync.Mutex
+	wrc     syscall.RawConn // the stream while it is up, else nil
+	busy    bool            // the writer has messages queued or in hand
+	rest    []byte          // the tail of a frame a direct write left over
+	scratch []byte
+	restc   chan struct{} // rest is set: the writer writes it first
+
 	dropLog, dialLog rateLimit
 }
 
@@ -51,6 +64,7 @@ func newPeer(t *TCP, id uint64, addr string) *peer {
 		ctx:     ctx,
 		cancel:  cancel,
 		kick:    make(chan struct{}, 1),
+		restc:   make(chan struct{}, 1),
 		addr:    addr,
 	}
 }
@@ -86,18 +100,107 @@ func (p *peer) setAddr(addr string) {
 	}
 }
 
-// enqueue queues m without blocking, or drops it.
+// enqueue writes m at once if the stream is idle, else queues it without
+// blocking, or drops it.
 func (p *peer) enqueue(m *raftpb.Message) {
 	reason := dropDisconnected
 	if p.connected.Load() {
+		p.wmu.Lock()
+		if p.writeDirect(m) {
+			p.wmu.Unlock()
+			return
+		}
 		select {
 		case p.queue <- *m:
+			p.busy = true
+			p.wmu.Unlock()
 			return
 		default:
 			reason = dropQueueFull
 		}
+		p.wmu.Unlock()
 	}
 	p.drop(m, reason)
+}
+
+// writeDirect writes m to the stream with a non-blocking write when the
+// writer goroutine has nothing queued or in hand; what the socket does not
+// take is left to the writer. It reports whether m was taken care of;
+// p.wmu is held.
+func (p *peer) writeDirect(m *raftpb.Message) bool {
+	if p.wrc == nil || p.busy || m.Type == raftpb.MsgSnap {
+		return false
+	}
+	frame, err := AppendFrame(p.scratch[:0], m)
+	if err != nil {
+		return false // the writer reports it
+	}
+	n := 0
+	var werr error
+	// Control, not Write: no wait for the socket (the writer does that)
+	// and no write deadline, which the writer sets per write.
+	cerr := p.wrc.Control(func(fd uintptr) {
+		for n < len(frame) {
+			k, err := syscall.Write(int(fd), frame[n:])
+			if err == syscall.EINTR {
+				continue
+			}
+			if k > 0 {
+				n += k
+			}
+			if err != nil || k <= 0 {
+				werr = err
+				return
+			}
+		}
+	})
+	if cap(frame) <= keepBufBytes {
+		p.scratch = frame[:0]
+	}
+	if cerr != nil || (werr != nil && werr != syscall.EAGAIN) {
+		if n == 0 {
+			return false // queued; the writer finds the stream broken
+		}
+		// Half a frame is on the stream: only a new stream can follow.
+		p.mu.Lock()
+		if p.conn != nil {
+			p.conn.Close()
+		}
+		p.mu.Unlock()
+		p.metrics.dropped[dropWriteError].Inc()
+		p.t.reports.dropped(p.id, false)
+		return true
+	}
+	p.metrics.sent.Inc()
+	p.metrics.bytesSent.Add(float64(len(frame)))
+	if n < len(frame) {
+		p.rest = append(p.rest, frame[n:]...)
+		p.busy = true
+		select {
+		case p.restc <- struct{}{}:
+		default:
+		}
+	}
+	return true
+}
+
+// startDirect lets Send write to conn directly; stopDirect ends that when
+// the stream goes down (what a direct write left over is lost with it).
+func (p *peer) startDirect(conn net.Conn) {
+	var rc syscall.RawConn
+	if sc, ok := conn.(syscall.Conn); ok {
+		rc, _ = sc.SyscallConn()
+	}
+	p.wmu.Lock()
+	// Messages queued while the stream came up go first, by the writer.
+	p.wrc, p.busy, p.rest = rc, len(p.queue) > 0, nil
+	p.wmu.Unlock()
+}
+
+func (p *peer) stopDirect() {
+	p.wmu.Lock()
+	p.wrc, p.busy, p.rest = nil, false, nil
+	p.wmu.Unlock()
 }
 
 // drop accounts for a message that will not be sent and reports it to raft.
@@ -234,24 +337,39 @@ func (p *peer) stream(conn net.Conn) error {
 	}
 
 	bw := bufio.NewWriterSize(deadlineWriter{conn, p.t.opts.WriteTimeout}, ioBufferSize)
+	p.startDirect(conn)
+	defer p.stopDirect()
 	var (
 		buf   []byte
 		snaps []uint64 // MsgSnap recipients in the batch, reported after flush
 	)
 	for {
 		var m raftpb.Message
+		have := false
 		select {
 		case <-p.ctx.Done():
 			return nil
 		case err := <-broken:
 			return fmt.Errorf("stream to peer %x closed: %w", p.id, err)
 		case m = <-p.queue:
+			have = true
+		case <-p.restc:
+		}
+		// A frame that a direct write began goes on first.
+		p.wmu.Lock()
+		rest := p.rest
+		p.rest = nil
+		p.wmu.Unlock()
+		if len(rest) > 0 {
+			if _, err := bw.Write(rest); err != nil {
+				return p.failBatch(fmt.Errorf("write to peer %x: %w", p.id, err), 1, nil, nil)
+			}
 		}
 		// Coalesce everything already queued into one flush: when busy,
 		// many messages per syscall.
 		n, bytes := 0, 0
 		snaps = snaps[:0]
-		for more := true; more; {
+		for more := have; more; {
 			frame, err := AppendFrame(buf[:0], &m)
 			switch {
 			case err != nil:
@@ -292,6 +410,12 @@ func (p *peer) stream(conn net.Conn) error {
 		if cap(buf) > keepBufBytes {
 			buf = nil
 		}
+		// Idle again: Send may write directly, unless more came meanwhile.
+		p.wmu.Lock()
+		if len(p.queue) == 0 && p.rest == nil {
+			p.busy = false
+		}
+		p.wmu.Unlock()
 	}
 }
 

@@ -177,9 +177,13 @@ func (t *TCP) Start(r Raft) error {
 	return nil
 }
 
-// Send queues msgs for their recipients and returns at once. Messages to
-// unknown or disconnected peers, or that do not fit a peer's queue, are
-// dropped and the peer reported unreachable (MsgSnap: snapshot failure).
+// Send hands msgs to their recipients' streams and returns at once: a
+// stream with nothing queued is written directly, with a non-blocking
+// write (no goroutine to wake on the commit path); otherwise, or for what
+// the socket does not take, the peer's writer goroutine sends it.
+// Messages to unknown or disconnected peers, or that do not fit a peer's
+// queue, are dropped and the peer reported unreachable (MsgSnap: snapshot
+// failure).
 // Reports reach Raft from another goroutine, never from within Send.
 //
 // Messages are queued by value, but their Entries, Snapshot and Context are

@@ -224,6 +224,44 @@ func TestTwoTransportsExchange(t *testing.T) {
 	}
 }
 
+// Messages larger than the socket takes at once, one Send call at a time
+// (the caller writes directly while the stream is idle and leaves the rest
+// to the writer) mixed with small ones: all arrive whole and in order.
+func TestDirectWritesKeepOrder(t *testing.T) {
+	a := startNode(t, 1, "127.0.0.1:0", nil, bigQueue)
+	b := startNode(t, 2, "127.0.0.1:0", nil, bigQueue)
+	a.AddPeer(2, b.Addr())
+	waitConnected(t, a, 2)
+
+	big := bytes.Repeat([]byte("x"), 3<<20)
+	const count = 150
+	for i := range count {
+		data := []byte("small")
+		if i%7 == 3 {
+			data = big
+		}
+		a.Send([]raftpb.Message{testMsg(1, 2, uint64(i), data)})
+		if i%20 == 0 {
+			time.Sleep(time.Millisecond) // let the stream go idle now and then
+		}
+	}
+	waitFor(t, "delivery", func() bool { return b.raft.n.Load() == count })
+	got := b.raft.from(1)
+	checkSeq(t, got, 1, 2, 0, count)
+	for i, m := range got {
+		want := len("small")
+		if i%7 == 3 {
+			want = len(big)
+		}
+		if len(m.Entries) != 1 || len(m.Entries[0].Data) != want {
+			t.Fatalf("message %d arrived with the wrong payload", i)
+		}
+	}
+	if n := a.raft.unreachableCount(2); n != 0 {
+		t.Errorf("%d unreachable reports", n)
+	}
+}
+
 func TestThreeTransportsExchange(t *testing.T) {
 	nodes := make([]*node, 3)
 	for i := range nodes {
