@@ -116,6 +116,13 @@ type Node struct {
 	soft         raft.SoftState
 	term         uint64
 	commit       uint64
+	// held: per follower, the leader's latest append without entries
+	// (it only moves the follower's commit index), kept up to
+	// CommitDelay for the next append to carry the index instead.
+	held      map[uint64]raftpb.Message
+	heldTimer *time.Timer
+	heldArmed bool
+	sendBuf   []raftpb.Message
 
 	applied atomic.Uint64
 	status  atomic.Pointer[Status]
@@ -140,7 +147,10 @@ func Start(cfg Config) (*Node, error) {
 		applyWake: make(chan struct{}, 1),
 		applyc:    make(chan Apply, 16),
 		members:   map[uint64]string{},
+		held:      map[uint64]raftpb.Message{},
 	}
+	n.heldTimer = time.NewTimer(time.Hour)
+	n.heldTimer.Stop()
 	n.props.wake = make(chan struct{}, 1)
 	n.props.lazyDelay = max(cfg.LazyDelay, 0)
 	n.waiters.m = map[uint64]*waiter{}
@@ -502,6 +512,8 @@ func (n *Node) loop(tick <-chan time.Time) error {
 			f(n.rn)
 		case f := <-n.ctlc:
 			f()
+		case <-n.heldTimer.C:
+			n.sendHeld()
 		}
 		// Advance may move the commit index (our own append counts only
 		// then), so look again rather than wait for the next event.
@@ -556,7 +568,7 @@ func (n *Node) handleReady(rd raft.Ready) error {
 	// this overlaps its fsync with the followers'.
 	leader := n.soft.RaftState == raft.StateLeader
 	if leader {
-		n.tr.Send(rd.Messages)
+		n.tr.Send(n.holdCommits(rd.Messages))
 	}
 	if !raft.IsEmptySnap(rd.Snapshot) {
 		if err := n.installSnapshot(rd.Snapshot); err != nil {
@@ -596,6 +608,55 @@ func (n *Node) handleReady(rd raft.Ready) error {
 	return nil
 }
 
+// holdCommits returns the leader's messages to send now. An append that
+// carries no entries only moves a follower's commit index (or probes it):
+// it is held, for CommitDelay at most, and dropped if another append to
+// that follower goes first, since that one carries a commit index at
+// least as new (raft tolerates a lost message in any case). Any other
+// message to the follower sends the held one first, in order. The
+// leader's own commit does not wait for this; its followers apply a
+// little later, and a busy leader sends half the messages per round.
+func (n *Node) holdCommits(msgs []raftpb.Message) []raftpb.Message {
+	if n.cfg.CommitDelay < 0 {
+		return msgs
+	}
+	out := n.sendBuf[:0]
+	for _, m := range msgs {
+		if m.Type == raftpb.MsgApp && len(m.Entries) == 0 {
+			n.held[m.To] = m
+			if !n.heldArmed {
+				n.heldArmed = true
+				n.heldTimer.Reset(n.cfg.CommitDelay)
+			}
+			continue
+		}
+		if h, ok := n.held[m.To]; ok {
+			delete(n.held, m.To)
+			if m.Type != raftpb.MsgApp {
+				out = append(out, h)
+			}
+		}
+		out = append(out, m)
+	}
+	n.sendBuf = out
+	return out
+}
+
+// sendHeld sends the held commit messages once CommitDelay has passed.
+func (n *Node) sendHeld() {
+	n.heldArmed = false
+	if len(n.held) == 0 {
+		return
+	}
+	out := n.sendBuf[:0]
+	for id, m := range n.held {
+		out = append(out, m)
+		delete(n.held, id)
+	}
+	n.sendBuf = out
+	n.tr.Send(out)
+}
+
 func (n *Node) onSoftState(ss raft.SoftState) {
 	if ss.Lead != n.soft.Lead || ss.RaftState != n.soft.RaftState {
 		n.cfg.Logger.Infof("paxos: role %s, leader %d", ss.RaftState, ss.Lead)
@@ -604,6 +665,9 @@ func (n *Node) onSoftState(ss raft.SoftState) {
 		if n.soft.Lead != raft.None {
 			n.waiters.failAll(ErrUnknownOutcome)
 		}
+	}
+	if ss.RaftState != raft.StateLeader {
+		clear(n.held) // a former leader's messages are stale
 	}
 	n.soft = ss
 	n.m.leader.Set(float64(ss.Lead))
