@@ -12,7 +12,7 @@ PKGS=(
   etcd-server etcd-client # the log's benchmark peer
   mariadb-server mariadb-client sysbench # the second replicated server and its load
   lxc lxc-dev pkg-config golang-gopkg-lxc-go-lxc.v2-dev # containers; go.mod points at these Go bindings
-  btrfs-progs       # mkfs.btrfs: containers' data volumes, snapshotted at checkpoints (checkpoint/volume.go)
+  btrfs-progs       # mkfs.btrfs: containers' data volumes, snapshotted at checkpoints (container/volume.go)
 )
 
 missing=()
