@@ -188,11 +188,7 @@ func StartServer(ctx context.Context, o ServerOptions) (*Server, error) {
 	if dial == nil {
 		dial = (&net.Dialer{}).DialContext
 	}
-	if o.HealthListen {
-		dial = nil // see check
-		o.Config.Health.HTTP = ""
-	}
-	if err := s.waitHealthy(ctx, o.Config.Health, dial); err != nil {
+	if err := s.waitHealthy(ctx, o.Config.Health, dial, o.HealthListen); err != nil {
 		tail := s.LogTail()
 		_ = s.Stop()
 		return nil, fmt.Errorf("container: server %s (%s) failed its health check: %w\n--- tail of %s:\n%s", name, s.addr, err, logPath, tail)
@@ -295,7 +291,7 @@ func (s *Server) wait() {
 	}
 }
 
-func (s *Server) waitHealthy(ctx context.Context, h configs.Health, dial func(context.Context, string, string) (net.Conn, error)) error {
+func (s *Server) waitHealthy(ctx context.Context, h configs.Health, dial func(context.Context, string, string) (net.Conn, error), listenOnly bool) error {
 	timeout := h.Timeout()
 	if timeout <= 0 {
 		timeout = 10 * time.Second
@@ -314,7 +310,7 @@ func (s *Server) waitHealthy(ctx context.Context, h configs.Health, dial func(co
 		defer client.CloseIdleConnections()
 	}
 	for {
-		err := s.check(ctx, h.HTTP, dial, client)
+		err := s.check(ctx, h.HTTP, dial, client, listenOnly)
 		if err == nil {
 			return nil
 		}
@@ -328,10 +324,10 @@ func (s *Server) waitHealthy(ctx context.Context, h configs.Health, dial func(co
 	}
 }
 
-func (s *Server) check(ctx context.Context, path string, dial func(context.Context, string, string) (net.Conn, error), client *http.Client) error {
+func (s *Server) check(ctx context.Context, path string, dial func(context.Context, string, string) (net.Conn, error), client *http.Client, listenOnly bool) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	if dial == nil {
+	if listenOnly {
 		// ServerOptions.HealthListen
 		if ok, err := Listening(s.addr); err != nil || !ok {
 			return fmt.Errorf("not listening at %s (%v)", s.addr, err)

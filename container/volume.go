@@ -79,15 +79,15 @@ var (
 func VolumesSupported() error {
 	volSupportOnce.Do(func() {
 		if _, err := exec.LookPath("mkfs.btrfs"); err != nil {
-			volSupportErr = errors.New("checkpoint: no mkfs.btrfs (btrfs-progs): data volumes are unavailable")
+			volSupportErr = errors.New("container: no mkfs.btrfs (btrfs-progs): data volumes are unavailable")
 			return
 		}
 		if _, err := os.Stat("/dev/loop-control"); err != nil {
-			volSupportErr = fmt.Errorf("checkpoint: no loop devices: %w", err)
+			volSupportErr = fmt.Errorf("container: no loop devices: %w", err)
 			return
 		}
 		if !hasFilesystem("btrfs") {
-			volSupportErr = errors.New("checkpoint: the kernel has no btrfs")
+			volSupportErr = errors.New("container: the kernel has no btrfs")
 		}
 	})
 	return volSupportErr
@@ -127,7 +127,7 @@ func CreateVolume(name, size string) (*Volume, error) {
 		return nil, err
 	}
 	if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
-		return nil, fmt.Errorf("checkpoint: bad volume name %q", name)
+		return nil, fmt.Errorf("container: bad volume name %q", name)
 	}
 	want, err := parseSize(size)
 	if err != nil {
@@ -152,35 +152,35 @@ func CreateVolume(name, size string) (*Volume, error) {
 	}()
 	for _, d := range []string{v.mem(), v.fs()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
-			return nil, fmt.Errorf("checkpoint: %w", err)
+			return nil, fmt.Errorf("container: %w", err)
 		}
 	}
 	if err := unix.Mount("tmpfs", v.mem(), "tmpfs", unix.MS_NOSUID|unix.MS_NODEV,
 		fmt.Sprintf("size=%d,mode=0700", bytes+16<<20)); err != nil {
-		return nil, fmt.Errorf("checkpoint: mounting the tmpfs of volume %s: %w", name, err)
+		return nil, fmt.Errorf("container: mounting the tmpfs of volume %s: %w", name, err)
 	}
 	disk := filepath.Join(v.mem(), "disk")
 	if err := os.WriteFile(disk, nil, 0o600); err != nil {
-		return nil, fmt.Errorf("checkpoint: %w", err)
+		return nil, fmt.Errorf("container: %w", err)
 	}
 	if err := os.Truncate(disk, bytes); err != nil {
-		return nil, fmt.Errorf("checkpoint: %w", err)
+		return nil, fmt.Errorf("container: %w", err)
 	}
 	if out, err := exec.Command("mkfs.btrfs", "-q", "-f", disk).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("checkpoint: mkfs.btrfs for volume %s: %v: %s", name, err, strings.TrimSpace(string(out)))
+		return nil, fmt.Errorf("container: mkfs.btrfs for volume %s: %v: %s", name, err, strings.TrimSpace(string(out)))
 	}
 	// mount(8) sets the loop device up with autoclear: it goes with
 	// the file system's last mount. nodatasum: no checksums to compute
 	// on every write and read (the data is in memory); discard=async
 	// gives deleted files' blocks back to the tmpfs.
 	if out, err := exec.Command("mount", "-t", "btrfs", "-o", "loop,noatime,nodatasum,discard=async", disk, v.fs()).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("checkpoint: mounting volume %s: %v: %s", name, err, strings.TrimSpace(string(out)))
+		return nil, fmt.Errorf("container: mounting volume %s: %v: %s", name, err, strings.TrimSpace(string(out)))
 	}
 	if err := btrfsVolArgs(v.fs(), btrfsIocSubvolCreate, -1, "data"); err != nil {
-		return nil, fmt.Errorf("checkpoint: volume %s: creating its subvolume: %w", name, err)
+		return nil, fmt.Errorf("container: volume %s: creating its subvolume: %w", name, err)
 	}
 	if err := os.Chmod(v.Data(), 0o755); err != nil {
-		return nil, fmt.Errorf("checkpoint: %w", err)
+		return nil, fmt.Errorf("container: %w", err)
 	}
 	ok = true
 	return v, nil
@@ -195,12 +195,12 @@ func (v *Volume) Remove() error {
 	var errs []error
 	for _, m := range []string{v.fs(), v.mem()} {
 		if err := unix.Unmount(m, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("checkpoint: unmounting %s: %w", m, err))
+			errs = append(errs, fmt.Errorf("container: unmounting %s: %w", m, err))
 		}
 	}
 	if len(errs) == 0 {
 		if err := os.RemoveAll(v.dir); err != nil {
-			errs = append(errs, fmt.Errorf("checkpoint: %w", err))
+			errs = append(errs, fmt.Errorf("container: %w", err))
 		}
 	}
 	return errors.Join(errs...)
@@ -211,11 +211,11 @@ func (v *Volume) Remove() error {
 func (v *Volume) Sync() error {
 	f, err := os.Open(v.fs())
 	if err != nil {
-		return fmt.Errorf("checkpoint: %w", err)
+		return fmt.Errorf("container: %w", err)
 	}
 	defer f.Close()
 	if err := unix.Syncfs(int(f.Fd())); err != nil {
-		return fmt.Errorf("checkpoint: syncing volume %s: %w", v.name, err)
+		return fmt.Errorf("container: syncing volume %s: %w", v.name, err)
 	}
 	return nil
 }
@@ -224,12 +224,12 @@ func (v *Volume) Sync() error {
 func (v *Volume) Snapshot() (string, error) {
 	src, err := os.Open(v.Data())
 	if err != nil {
-		return "", fmt.Errorf("checkpoint: %w", err)
+		return "", fmt.Errorf("container: %w", err)
 	}
 	defer src.Close()
 	name := "snap-" + strconv.FormatInt(time.Now().UnixNano(), 36)
 	if err := btrfsSnapshot(v.fs(), int(src.Fd()), name); err != nil {
-		return "", fmt.Errorf("checkpoint: snapshot of volume %s: %w", v.name, err)
+		return "", fmt.Errorf("container: snapshot of volume %s: %w", v.name, err)
 	}
 	return filepath.Join(v.fs(), name), nil
 }
@@ -237,10 +237,10 @@ func (v *Volume) Snapshot() (string, error) {
 // DeleteSnapshot deletes a snapshot that Snapshot took.
 func (v *Volume) DeleteSnapshot(path string) error {
 	if filepath.Dir(path) != v.fs() || !strings.HasPrefix(filepath.Base(path), "snap-") {
-		return fmt.Errorf("checkpoint: %s is no snapshot of volume %s", path, v.name)
+		return fmt.Errorf("container: %s is no snapshot of volume %s", path, v.name)
 	}
 	if err := btrfsVolArgs(v.fs(), btrfsIocSnapDestroy, -1, filepath.Base(path)); err != nil {
-		return fmt.Errorf("checkpoint: deleting snapshot %s: %w", path, err)
+		return fmt.Errorf("container: deleting snapshot %s: %w", path, err)
 	}
 	return nil
 }
@@ -286,7 +286,7 @@ var tarCreate = []string{"--create", "--no-unquote", "--no-wildcards", "--one-fi
 func ArchiveDir(dir, path string) error {
 	args := append(append([]string(nil), tarCreate...), "--file", path, "--directory", dir, ".")
 	if out, err := exec.Command("tar", args...).CombinedOutput(); err != nil {
-		return fmt.Errorf("checkpoint: archiving %s: %v: %s", dir, err, strings.TrimSpace(string(out)))
+		return fmt.Errorf("container: archiving %s: %v: %s", dir, err, strings.TrimSpace(string(out)))
 	}
 	return nil
 }
@@ -296,7 +296,7 @@ func ExtractArchive(path, dir string) error {
 	out, err := exec.Command("tar", "--extract", "--no-unquote", "--no-wildcards", "--preserve-permissions",
 		"--numeric-owner", "--blocking-factor=2048", "--file", path, "--directory", dir).CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("checkpoint: extracting %s: %v: %s", path, err, strings.TrimSpace(string(out)))
+		return fmt.Errorf("container: extracting %s: %v: %s", path, err, strings.TrimSpace(string(out)))
 	}
 	return nil
 }
@@ -304,16 +304,16 @@ func ExtractArchive(path, dir string) error {
 // volumeRoot makes VolumeRoot a private mount of its own, once.
 func volumeRoot() error {
 	if err := os.MkdirAll(VolumeRoot, 0o700); err != nil {
-		return fmt.Errorf("checkpoint: %w", err)
+		return fmt.Errorf("container: %w", err)
 	}
 	if dev, _ := mountAt("self", VolumeRoot); dev != "" {
 		return nil
 	}
 	if err := unix.Mount(VolumeRoot, VolumeRoot, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("checkpoint: binding %s: %w", VolumeRoot, err)
+		return fmt.Errorf("container: binding %s: %w", VolumeRoot, err)
 	}
 	if err := unix.Mount("", VolumeRoot, "", unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("checkpoint: making %s private: %w", VolumeRoot, err)
+		return fmt.Errorf("container: making %s private: %w", VolumeRoot, err)
 	}
 	return nil
 }
@@ -321,7 +321,7 @@ func volumeRoot() error {
 // parseSize reads a tmpfs-style size: bytes, or a number with k, m or g.
 func parseSize(s string) (int64, error) {
 	if s == "" {
-		return 0, errors.New("checkpoint: a volume needs a size")
+		return 0, errors.New("container: a volume needs a size")
 	}
 	mult := int64(1)
 	switch s[len(s)-1] {
@@ -338,7 +338,7 @@ func parseSize(s string) (int64, error) {
 	}
 	n, err := strconv.ParseInt(num, 10, 64)
 	if err != nil || n <= 0 || n > (1<<50)/mult {
-		return 0, fmt.Errorf("checkpoint: bad size %q", s)
+		return 0, fmt.Errorf("container: bad size %q", s)
 	}
 	return n * mult, nil
 }

@@ -229,26 +229,7 @@ func waitReady(addr, path string, listenOnly bool, timeout time.Duration, exited
 	deadline := time.Now().Add(timeout)
 	client := &http.Client{Timeout: time.Second}
 	for {
-		var err error
-		if listenOnly {
-			var ok bool
-			if ok, err = container.Listening(addr); err == nil && !ok {
-				err = errors.New("not listening")
-			}
-		} else if path != "" {
-			var resp *http.Response
-			if resp, err = client.Get("http://" + addr + path); err == nil {
-				resp.Body.Close()
-				if resp.StatusCode >= 500 {
-					err = fmt.Errorf("status %s", resp.Status)
-				}
-			}
-		} else {
-			var c net.Conn
-			if c, err = net.DialTimeout("tcp", addr, time.Second); err == nil {
-				c.Close()
-			}
-		}
+		err := probeReady(context.Background(), client, addr, path, listenOnly)
 		if err == nil {
 			return nil
 		}

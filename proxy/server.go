@@ -104,32 +104,47 @@ func StartExec(ctx context.Context, o ExecOptions) (*ExecServer, error) {
 	return s, nil
 }
 
+// probeReady checks once whether the server at addr is ready: it listens
+// (listenOnly: no connection is made, for a server under joint_sched,
+// whose runtime would keep it), answers GET path with a status below 500,
+// or, with no path, takes a TCP connection.
+func probeReady(ctx context.Context, client *http.Client, addr, path string, listenOnly bool) error {
+	switch {
+	case listenOnly:
+		ok, err := container.Listening(addr)
+		if err == nil && !ok {
+			err = errors.New("not listening")
+		}
+		return err
+	case path != "":
+		req, err := http.NewRequestWithContext(ctx, "GET", "http://"+addr+path, nil)
+		if err != nil {
+			return err
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode >= 500 {
+			return fmt.Errorf("status %s", resp.Status)
+		}
+		return nil
+	default:
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err
+	}
+}
+
 func (s *ExecServer) waitHealthy(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, s.o.HealthTimeout)
 	defer cancel()
 	client := &http.Client{Timeout: time.Second}
 	for {
-		var err error
-		if s.o.HealthListen {
-			var ok bool
-			if ok, err = container.Listening(s.o.Addr); err == nil && !ok {
-				err = errors.New("not listening")
-			}
-		} else if s.o.HealthHTTP != "" {
-			var resp *http.Response
-			req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+s.o.Addr+s.o.HealthHTTP, nil)
-			if resp, err = client.Do(req); err == nil {
-				resp.Body.Close()
-				if resp.StatusCode >= 500 {
-					err = fmt.Errorf("status %s", resp.Status)
-				}
-			}
-		} else {
-			var c net.Conn
-			if c, err = net.DialTimeout("tcp", s.o.Addr, time.Second); err == nil {
-				c.Close()
-			}
-		}
+		err := probeReady(ctx, client, s.o.Addr, s.o.HealthHTTP, s.o.HealthListen)
 		if err == nil {
 			return nil
 		}

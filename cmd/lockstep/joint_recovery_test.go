@@ -172,10 +172,7 @@ func TestRecoverRacyJointSched(t *testing.T) {
 		func(s string) string {
 			return strings.Replace(s, fmt.Sprintf("app = %q", mustAbs(t, "../../apps/racy")), fmt.Sprintf("app = %q", empty), 1)
 		})
-	for i := 1; i <= 3; i++ {
-		c.start(i, "--dmt")
-	}
-	leader := c.waitServing(60*time.Second, 1, 2, 3)
+	leader := c.startInitial(60*time.Second, "--dmt")
 	addr := c.clientAddr(leader)
 	victim := leader%3 + 1
 	t.Logf("before: %v", racyLoad(t, addr, 4, 40))

@@ -18,10 +18,7 @@ import (
 func TestRebuildDivergentReplica(t *testing.T) {
 	needRecoveryTools(t, "/usr/sbin/apache2", "ab")
 	c := newRCluster(t, "apache", 3, false, "enabled = true\nevery_entries = 300\nkeep = 2\nkeep_entries = 100\ndata_size = \"64m\"\nauto_rebuild = true", nil)
-	for i := 1; i <= 3; i++ {
-		c.start(i)
-	}
-	leader := c.waitServing(60*time.Second, 1, 2, 3)
+	leader := c.startInitial(60 * time.Second)
 	all := []int{1, 2, 3}
 	ab := func(n int) {
 		t.Helper()

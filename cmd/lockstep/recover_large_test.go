@@ -33,10 +33,7 @@ func TestRecoverMariaDBLarge(t *testing.T) {
 		func(s string) string {
 			return strings.Replace(s, "election_ticks = 10", "election_ticks = 30", 1)
 		})
-	for i := 1; i <= 3; i++ {
-		c.start(i)
-	}
-	leader := c.waitServing(90*time.Second, 1, 2, 3)
+	leader := c.startInitial(90 * time.Second)
 	sb := func(args ...string) []string { return sysbenchTables(c.clientAddr(leader), 4, rows, args...) }
 	t0 := time.Now()
 	// One table per thread: each table's rows are inserted on one

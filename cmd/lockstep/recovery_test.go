@@ -188,6 +188,16 @@ func (c *rcluster) start(id int, args ...string) {
 	c.mu.Unlock()
 }
 
+// startInitial starts the three initial replicas with args and returns
+// the leader once they agree on one that serves.
+func (c *rcluster) startInitial(timeout time.Duration, args ...string) int {
+	c.t.Helper()
+	for i := 1; i <= 3; i++ {
+		c.start(i, args...)
+	}
+	return c.waitServing(timeout, 1, 2, 3)
+}
+
 // kill SIGKILLs replica id's process group and its container's init.
 func (c *rcluster) kill(id int) {
 	c.t.Helper()
@@ -366,10 +376,7 @@ func run(t *testing.T, timeout time.Duration, name string, args ...string) strin
 func TestCheckpointsApacheUnderLoad(t *testing.T) {
 	needRecoveryTools(t, "/usr/sbin/apache2", "ab")
 	c := newRCluster(t, "apache", 3, false, "enabled = true\nevery_entries = 300\nkeep = 2\nkeep_entries = 100\ndata_size = \"64m\"", nil)
-	for i := 1; i <= 3; i++ {
-		c.start(i)
-	}
-	leader := c.waitServing(60*time.Second, 1, 2, 3)
+	leader := c.startInitial(60 * time.Second)
 	out := run(t, 3*time.Minute, "ab", "-q", "-c", "8", "-n", "4000", "http://"+c.clientAddr(leader)+"/index.html")
 	t.Logf("ab against replica %d:\n%s", leader, grepLines(out, "Complete requests", "Failed requests", "Requests per second", "Non-2xx"))
 	if !regexp.MustCompile(`(?m)^Failed requests:\s+0$`).MatchString(out) || strings.Contains(out, "Non-2xx") {
@@ -647,10 +654,7 @@ func recoverMariaDB(t *testing.T, joint bool, threads, killSecs, joinSecs int) {
 	if joint {
 		flags = []string{"--dmt"}
 	}
-	for i := 1; i <= 3; i++ {
-		c.start(i, flags...)
-	}
-	leader := c.waitServing(90*time.Second, 1, 2, 3)
+	leader := c.startInitial(90*time.Second, flags...)
 	addr := c.clientAddr(leader)
 	run(t, 2*time.Minute, "sysbench", sysbench(addr, "prepare")...)
 
