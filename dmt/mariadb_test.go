@@ -13,15 +13,15 @@ import (
 )
 
 // TestMariaDBSysbenchXtern runs MariaDB under the runtime and sysbench
-// oltp_read_write with 8 threads against it (60 s by default), and wants no
-// error. It takes over a minute, so it runs only with LOCKSTEP_DMT_MARIADB=1
-// or LOCKSTEP_SOAK=1 (`make soak`); LOCKSTEP_DMT_SYSBENCH_SECONDS changes
-// the duration. Needs Debian's mariadb-server and sysbench.
+// oltp_read_write with 8 threads against it, and wants no error: 10 s in
+// `make test`, the issue's 60 s with LOCKSTEP_SOAK=1 (`make soak`) or
+// LOCKSTEP_DMT_MARIADB=1; LOCKSTEP_DMT_SYSBENCH_SECONDS sets any duration.
+// Needs Debian's mariadb-server and sysbench.
 func TestMariaDBSysbenchXtern(t *testing.T) {
-	if os.Getenv("LOCKSTEP_DMT_MARIADB") == "" && os.Getenv("LOCKSTEP_SOAK") == "" {
-		t.Skip("long: set LOCKSTEP_DMT_MARIADB=1 (or LOCKSTEP_SOAK=1) to run")
+	secs := 10
+	if os.Getenv("LOCKSTEP_DMT_MARIADB") != "" || os.Getenv("LOCKSTEP_SOAK") != "" {
+		secs = 60
 	}
-	secs := 60
 	if v := os.Getenv("LOCKSTEP_DMT_SYSBENCH_SECONDS"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n <= 0 {
