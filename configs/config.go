@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -190,13 +191,21 @@ type Error struct {
 	Line  int // 0 when the field is absent from the file
 	Field string
 	Msg   string
+	// elem is, for a field of an array of tables ([[cluster.replica]],
+	// [[output.mask]]), the 1-based number of the block it is in; 0 when
+	// the field is in no such block or any block will do.
+	elem int
 }
 
 func (e *Error) Error() string {
+	where := e.File
 	if e.Line > 0 {
-		return fmt.Sprintf("%s:%d: %s: %s", e.File, e.Line, e.Field, e.Msg)
+		where = fmt.Sprintf("%s:%d", e.File, e.Line)
 	}
-	return fmt.Sprintf("%s: %s: %s", e.File, e.Field, e.Msg)
+	if e.Field == "" {
+		return fmt.Sprintf("%s: %s", where, e.Msg)
+	}
+	return fmt.Sprintf("%s: %s: %s", where, e.Field, e.Msg)
 }
 
 // Load reads, defaults and validates a config file.
@@ -215,14 +224,19 @@ func Parse(path string, raw []byte) (*Config, error) {
 	if err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
-			return nil, fmt.Errorf("%s:%d: %s", path, pe.Position.Line, pe.Message)
+			return nil, &Error{File: path, Line: pe.Position.Line, Msg: pe.Message}
+		}
+		if te := typeError(path, raw, err); te != nil {
+			return nil, te
 		}
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	lines := strings.Split(string(raw), "\n")
+	lay := scanLayout(raw)
 	if und := md.Undecoded(); len(und) > 0 {
+		// A key unknown in one block of an array of tables is unknown in
+		// all: its first occurrence is the one to report.
 		k := und[0]
-		return nil, &Error{File: path, Line: lineOf(lines, k...), Field: k.String(), Msg: "unknown field"}
+		return nil, &Error{File: path, Line: lay.line(k, 0), Field: k.String(), Msg: "unknown field"}
 	}
 	if abs, err := filepath.Abs(path); err == nil {
 		c.Dir = filepath.Dir(abs)
@@ -232,11 +246,77 @@ func Parse(path string, raw []byte) (*Config, error) {
 		var ve *Error
 		if errors.As(err, &ve) {
 			ve.File = path
-			ve.Line = lineOf(lines, strings.Split(ve.Field, ".")...)
+			ve.Line = lay.line(splitKey(ve.Field), ve.elem)
 		}
 		return nil, err
 	}
 	return &c, nil
+}
+
+// decodeErrRe takes apart the TOML library's decode errors (a value of the
+// wrong type): plain errors whose text carries the position,
+// `toml: line 28 (last key "log.tick_ms"): incompatible types: ...`.
+var decodeErrRe = regexp.MustCompile(`^toml: (?:line (\d+) )?\(last key ("(?:[^"\\]|\\.)*")\): (.*)$`)
+
+// valueTypeRe finds the type of the offending value in such an error.
+var valueTypeRe = regexp.MustCompile(`TOML value has type (\S+);`)
+
+// typeError turns a decode error of the TOML library into an *Error
+// (file:line: field: message), or returns nil if err is not one.
+func typeError(path string, raw []byte, err error) *Error {
+	m := decodeErrRe.FindStringSubmatch(err.Error())
+	if m == nil {
+		return nil
+	}
+	field, uerr := strconv.Unquote(m[2])
+	if uerr != nil {
+		return nil
+	}
+	e := &Error{File: path, Field: field, Msg: m[3]}
+	e.Line, _ = strconv.Atoi(m[1])
+	lay := scanLayout(raw)
+	key := splitKey(field)
+	arr := lay.arrayOf(key)
+	if e.Line == 0 || arr == nil {
+		if e.Line == 0 {
+			e.Line = lay.line(key, 0)
+		}
+		return e
+	}
+	// The library keeps one position per dotted key: for a key of an
+	// array of tables, that in its last block. The decoder stops at the
+	// first block whose value has an incompatible type, and every value of
+	// the type it names is incompatible: the first block holding a value
+	// of that type is the one.
+	tm := valueTypeRe.FindStringSubmatch(m[3])
+	var doc map[string]any
+	if tm == nil {
+		return e
+	}
+	if _, derr := toml.Decode(string(raw), &doc); derr != nil {
+		return e
+	}
+	var v any = doc
+	for _, k := range arr {
+		t, _ := v.(map[string]any)
+		v = t[k]
+	}
+	blocks, _ := v.([]map[string]any)
+	for i, b := range blocks {
+		var val any = b
+		for _, k := range key[len(arr):] {
+			t, _ := val.(map[string]any)
+			val = t[k]
+		}
+		// The library names types as %T does, with "any" for interface {}.
+		if val != nil && strings.ReplaceAll(fmt.Sprintf("%T", val), "interface {}", "any") == tm[1] {
+			if l := lay.line(key, i+1); l > 0 {
+				e.Line = l
+			}
+			break
+		}
+	}
+	return e
 }
 
 func (c *Config) setDefaults() {
@@ -297,6 +377,10 @@ func (c *Config) validate() error {
 	bad := func(field, format string, args ...any) error {
 		return &Error{Field: field, Msg: fmt.Sprintf(format, args...)}
 	}
+	// badIn is bad for a field of block i (0-based) of an array of tables.
+	badIn := func(i int, field, format string, args ...any) error {
+		return &Error{Field: field, Msg: fmt.Sprintf(format, args...), elem: i + 1}
+	}
 	if !nameRe.MatchString(c.Name) {
 		return bad("name", "%q must be 1-16 lowercase letters, digits, - or _, starting with a letter", c.Name)
 	}
@@ -307,17 +391,17 @@ func (c *Config) validate() error {
 		return bad("cluster.cpu_quota", "must be between 0 and 1024 cores, got %v", c.Cluster.CPUQuota)
 	}
 	seen := map[uint64]bool{}
-	for _, r := range c.Cluster.Replicas {
+	for i, r := range c.Cluster.Replicas {
 		if r.ID == 0 {
-			return bad("cluster.replica.id", "must be 1 or more")
+			return badIn(i, "cluster.replica.id", "must be 1 or more")
 		}
 		if seen[r.ID] {
-			return bad("cluster.replica.id", "%d appears twice", r.ID)
+			return badIn(i, "cluster.replica.id", "%d appears twice", r.ID)
 		}
 		seen[r.ID] = true
-		for field, addr := range map[string]string{"peer": r.Peer, "listen": r.Listen, "admin": r.Admin} {
-			if err := checkHostPort(addr); err != nil {
-				return bad("cluster.replica."+field, "replica %d: %v", r.ID, err)
+		for _, f := range []struct{ field, addr string }{{"peer", r.Peer}, {"listen", r.Listen}, {"admin", r.Admin}} {
+			if err := checkHostPort(f.addr); err != nil {
+				return badIn(i, "cluster.replica."+f.field, "replica %d: %v", r.ID, err)
 			}
 		}
 	}
@@ -346,19 +430,19 @@ func (c *Config) validate() error {
 		m := &c.Output.Mask[i]
 		switch {
 		case m.Length < 0 || m.Offset < 0:
-			return bad("output.mask.offset", "offset and length must not be negative, got %d and %d", m.Offset, m.Length)
+			return badIn(i, "output.mask.offset", "offset and length must not be negative, got %d and %d", m.Offset, m.Length)
 		case m.Length > 0 && (m.Pattern != "" || m.Replace != ""):
-			return bad("output.mask.length", "a mask is either a pattern or a byte range (offset, length), not both")
+			return badIn(i, "output.mask.length", "a mask is either a pattern or a byte range (offset, length), not both")
 		case m.Length > 0:
 			continue
 		case m.Offset > 0:
-			return bad("output.mask.length", "a byte range needs a length")
+			return badIn(i, "output.mask.length", "a byte range needs a length")
 		case m.Pattern == "":
-			return bad("output.mask.pattern", "a mask needs a pattern or a byte range (offset, length)")
+			return badIn(i, "output.mask.pattern", "a mask needs a pattern or a byte range (offset, length)")
 		}
 		re, err := regexp.Compile(m.Pattern)
 		if err != nil {
-			return bad("output.mask.pattern", "%v", err)
+			return badIn(i, "output.mask.pattern", "%v", err)
 		}
 		m.Re = re
 	}
@@ -423,31 +507,148 @@ func (c *Config) AppDir() string {
 	return filepath.Join(filepath.Dir(c.Dir), "apps", c.Server.App)
 }
 
-// lineOf finds the line where a dotted key is set: the key's last part
-// inside the table named by the parts before it. It is a best effort for
-// messages (the TOML library does not export key positions).
-func lineOf(lines []string, key ...string) int {
-	if len(key) == 0 {
-		return 0
-	}
-	table := strings.Join(key[:len(key)-1], ".")
-	leaf := key[len(key)-1]
-	cur := ""
-	for i, l := range lines {
+// The lines of keys come from a small scan of the file for table headers,
+// not from the TOML library: BurntSushi/toml (v1.6.0) keeps key positions
+// in an unexported map keyed by the dotted key without the block of an
+// array of tables (a key repeated in [[x]] blocks keeps only the position
+// of its last block), and gives them out only in the text of its errors.
+// The scan is a best effort for messages: it knows [headers], [[headers]],
+// key = value lines, dotted keys and multi-line strings, not keys set
+// through inline tables.
+
+// section is one table of a file: the top level, or a [header] or
+// [[header]] and its key lines up to the next header.
+type section struct {
+	name   []string
+	blocks map[string]int // block (1-based) of each array of tables that is it or encloses it
+	header int            // line of the header (1-based; 0 for the top level)
+	body   []int          // indices into lines of its key = value lines
+}
+
+type layout struct {
+	lines    []string
+	sections []section
+	arrays   map[string]bool // dotted names of the arrays of tables
+}
+
+var headerRe = regexp.MustCompile(`^(\[\[?)\s*([^\[\]#]*?)\s*(\]\]?)\s*(#.*)?$`)
+
+func scanLayout(raw []byte) *layout {
+	lay := &layout{lines: strings.Split(string(raw), "\n"), arrays: map[string]bool{}}
+	lay.sections = []section{{}}
+	count := map[string]int{} // blocks seen so far of each array of tables
+	inString := ""            // delimiter of the multi-line string being read
+	for i, l := range lay.lines {
 		t := strings.TrimSpace(l)
-		if strings.HasPrefix(t, "[") {
-			cur = strings.Trim(t, "[] ")
-			if j := strings.Index(cur, "#"); j >= 0 {
-				cur = strings.TrimSpace(strings.Trim(cur[:j], "[] "))
+		if inString != "" {
+			if strings.Count(t, inString)%2 == 1 {
+				inString = ""
 			}
 			continue
 		}
-		if cur != table {
+		if m := headerRe.FindStringSubmatch(t); m != nil && len(m[1]) == len(m[3]) {
+			s := section{name: splitKey(m[2]), header: i + 1, blocks: map[string]int{}}
+			if m[1] == "[[" {
+				full := strings.Join(s.name, ".")
+				lay.arrays[full] = true
+				count[full]++
+			}
+			for n := 1; n <= len(s.name); n++ {
+				if p := strings.Join(s.name[:n], "."); lay.arrays[p] {
+					s.blocks[p] = count[p]
+				}
+			}
+			lay.sections = append(lay.sections, s)
 			continue
 		}
-		if k, _, ok := strings.Cut(t, "="); ok && strings.Trim(strings.TrimSpace(k), `"`) == leaf {
-			return i + 1
+		_, v, ok := strings.Cut(t, "=")
+		if !ok || strings.HasPrefix(t, "#") {
+			continue
+		}
+		cur := &lay.sections[len(lay.sections)-1]
+		cur.body = append(cur.body, i)
+		for _, d := range []string{`"""`, `'''`} {
+			if strings.Count(v, d)%2 == 1 {
+				inString = d
+			}
+		}
+	}
+	return lay
+}
+
+// splitKey splits a dotted key or table name into its parts, unquoted.
+func splitKey(s string) []string {
+	var parts []string
+	var b strings.Builder
+	quote := rune(0)
+	for _, r := range s {
+		switch {
+		case quote != 0 && r == quote:
+			quote = 0
+		case quote != 0:
+			b.WriteRune(r)
+		case r == '"' || r == '\'':
+			quote = r
+		case r == '.':
+			parts = append(parts, b.String())
+			b.Reset()
+		case r != ' ' && r != '\t':
+			b.WriteRune(r)
+		}
+	}
+	return append(parts, b.String())
+}
+
+// arrayOf is the innermost array of tables in the file whose blocks hold
+// key (a proper prefix of it), or nil.
+func (lay *layout) arrayOf(key []string) []string {
+	for n := len(key) - 1; n > 0; n-- {
+		if lay.arrays[strings.Join(key[:n], ".")] {
+			return key[:n]
+		}
+	}
+	return nil
+}
+
+// line is the line where key is set or, for a table, its header. With
+// elem > 0 the key is looked up only in block elem of the array of tables
+// holding it, and that block's header is the answer when the key is
+// absent from it. 0: not found.
+func (lay *layout) line(key []string, elem int) int {
+	arr := ""
+	if a := lay.arrayOf(key); a != nil && elem > 0 {
+		arr = strings.Join(a, ".")
+	}
+	for _, s := range lay.sections {
+		if arr != "" && s.blocks[arr] != elem || !hasPrefix(key, s.name) {
+			continue
+		}
+		if len(s.name) == len(key) {
+			return s.header
+		}
+		rest := key[len(s.name):]
+		for _, i := range s.body {
+			k, _, _ := strings.Cut(strings.TrimSpace(lay.lines[i]), "=")
+			if slices.Equal(splitKey(k), rest) {
+				return i + 1
+			}
+		}
+	}
+	// Not set: the header of the block of the array of tables it belongs
+	// in, or of a table defined only through its subtables.
+	for _, s := range lay.sections {
+		switch {
+		case arr != "":
+			if s.blocks[arr] == elem && strings.Join(s.name, ".") == arr {
+				return s.header
+			}
+		case s.header > 0 && hasPrefix(s.name, key):
+			return s.header
 		}
 	}
 	return 0
+}
+
+func hasPrefix(key, prefix []string) bool {
+	return len(prefix) <= len(key) && slices.Equal(key[:len(prefix)], prefix)
 }
