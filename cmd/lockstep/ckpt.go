@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -296,7 +297,14 @@ func newFeederCmd() *cobra.Command {
 		Hidden:             true,
 		DisableFlagParsing: true,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return proxy.RunFeederProcess(args)
+			// With cobra's flag parsing off, --help and -h reach the
+			// feeder's flag set, which prints the usage and returns
+			// flag.ErrHelp: a help asked for, not a failure.
+			err := proxy.RunFeederProcess(args)
+			if errors.Is(err, flag.ErrHelp) {
+				return nil
+			}
+			return err
 		},
 	}
 }
