@@ -170,6 +170,7 @@ func Start(cfg Config) (*Node, error) {
 	}
 	w, st, err := wal.Open(filepath.Join(cfg.DataDir, "wal"), wal.Options{
 		SegmentSize: cfg.SegmentSize, NoSync: cfg.NoSync, Logger: cfg.Logger, OnSync: n.m.observeSync,
+		Preallocate: true,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("paxos: opening WAL: %w", err)

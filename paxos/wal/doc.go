@@ -23,14 +23,20 @@
 // followed by a copy of the newest hard state, so that releasing older
 // segments can never lose the vote. New segments are written as a temporary
 // file, synced, renamed into place, and the directory is synced before the
-// first append.
+// first append. With Options.Preallocate (the raft node's choice) a new
+// segment is given its whole size up front with fallocate, so that appends
+// leave the file's size alone and each fsync has only data to write; the
+// part not yet written reads as zeros, and a segment is trimmed to its
+// records when the next one starts.
 //
 // # Recovery
 //
 // Each Save is one write and one fsync, so a crash can only damage the tail
-// of the last segment. Damage there (short header, short payload, checksum
-// mismatch, zeros, garbage) is truncated at the last good record, with a
-// warning. Damage that is followed by any valid record, or damage in a
+// of the last segment. Zeros after the last record are space never written
+// (preallocated, or a write of which nothing reached the disk): the end of
+// the log, without a word. Other damage there (short header, short payload,
+// checksum mismatch, garbage followed by zeros or nothing) is truncated at
+// the last good record, with a warning. Damage that is followed by any valid record, or damage in a
 // segment other than the last, cannot be a torn write: Open refuses with an
 // error wrapping ErrCorrupt that names the file and offset, and the replica
 // should be rebuilt from its peers rather than silently forget acknowledged

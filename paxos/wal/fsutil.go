@@ -49,7 +49,8 @@ func mkdirAll(dir string, sync bool) error {
 // not exist or holds all of data after a crash. It returns the open file
 // (positioned after data) when keepOpen is set. renamed reports whether
 // path was created, even if a later step (the directory sync) failed.
-func writeFileSync(path string, data []byte, sync, keepOpen bool, onSync func(*os.File) error) (f *os.File, renamed bool, err error) {
+// prepare, if set, runs on the file after the write and before the sync.
+func writeFileSync(path string, data []byte, sync, keepOpen bool, prepare, onSync func(*os.File) error) (f *os.File, renamed bool, err error) {
 	tmp := path + tmpSuffix
 	f, err = os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
 	if err != nil {
@@ -62,6 +63,11 @@ func writeFileSync(path string, data []byte, sync, keepOpen bool, onSync func(*o
 	}
 	if _, err := f.Write(data); err != nil {
 		return fail(err)
+	}
+	if prepare != nil {
+		if err := prepare(f); err != nil {
+			return fail(err)
+		}
 	}
 	if sync {
 		if err := onSync(f); err != nil {

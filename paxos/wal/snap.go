@@ -106,7 +106,7 @@ func (s *Snapshotter) Save(snap raftpb.Snapshot) error {
 	binary.LittleEndian.PutUint32(buf[0:4], snapMagic)
 	binary.LittleEndian.PutUint32(buf[4:8], crc32.Checksum(buf[snapHeaderSize:], crcTable))
 	name := snapName(snap.Metadata.Term, snap.Metadata.Index)
-	if _, _, err := writeFileSync(filepath.Join(s.dir, name), buf, !s.NoSync, false,
+	if _, _, err := writeFileSync(filepath.Join(s.dir, name), buf, !s.NoSync, false, nil,
 		func(f *os.File) error { return f.Sync() }); err != nil {
 		return fmt.Errorf("wal: save snapshot %s: %w", name, err)
 	}

@@ -587,9 +587,63 @@ func TestLeftoverTempSegmentRemoved(t *testing.T) {
 
 // A crash can cut the last write anywhere: every cut must open to the last
 // complete record, keep working, and survive another reopen.
+// walModes are the two ways segments grow: appends, and writes into space
+// preallocated up front (what the raft node uses).
+var walModes = []struct {
+	name        string
+	preallocate bool
+}{{"append", false}, {"preallocated", true}}
+
+// dataEnd is where a segment's records end: its size, or where the zeros of
+// its preallocated rest begin.
+func dataEnd(t testing.TB, b []byte) int {
+	t.Helper()
+	off := 0
+	for off < len(b) {
+		_, n, err := decodeRecord(b[off:])
+		if err != nil {
+			if !allZero(b[off:]) {
+				t.Fatalf("decode at %d: %v", off, err)
+			}
+			break
+		}
+		off += n
+	}
+	return off
+}
+
+// tear leaves only the first cut bytes of a segment's records, as a crash
+// in the middle of a write does: the rest is gone from an appended file,
+// and zeros (never-written space) in a preallocated one.
+func tear(t testing.TB, path string, cut int, preallocated bool) {
+	t.Helper()
+	if !preallocated {
+		if err := os.Truncate(path, int64(cut)); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clear(b[cut:])
+	if err := os.WriteFile(path, b, 0o640); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestTornTailEveryOffset(t *testing.T) {
+	for _, mode := range walModes {
+		t.Run(mode.name, func(t *testing.T) { tornTailEveryOffset(t, mode.preallocate) })
+	}
+}
+
+func tornTailEveryOffset(t *testing.T, preallocate bool) {
 	src := t.TempDir()
 	opts, _ := testOptions()
+	opts.Preallocate = preallocate
+	opts.SegmentSize = 64 << 10
 	w, _ := mustOpen(t, src, opts)
 	m := &model{}
 	s := saver{t, w, m}
@@ -598,11 +652,14 @@ func TestTornTailEveryOffset(t *testing.T) {
 	}
 	synced := *m
 	seg := lastSegment(t, src)
-	fi, err := os.Stat(seg)
+	b, err := os.ReadFile(seg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	size0 := int(fi.Size())
+	if preallocate != (len(b) == int(opts.SegmentSize)) {
+		t.Fatalf("segment of %d bytes (preallocate %v, segment size %d)", len(b), preallocate, opts.SegmentSize)
+	}
+	size0 := dataEnd(t, b)
 	lastEnts, lastHS := mkEnts(2, 21, 22), hardState(2, 2, 20)
 	s.save(lastHS, lastEnts)
 	mustClose(t, w)
@@ -610,14 +667,13 @@ func TestTornTailEveryOffset(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ends := recordEnds(t, full)
+	end := dataEnd(t, full)
+	ends := recordEnds(t, full[:end])
 	name := filepath.Base(seg)
 
-	for cut := size0; cut < len(full); cut++ {
+	for cut := size0; cut < end; cut++ {
 		dir := copyDir(t, src)
-		if err := os.Truncate(filepath.Join(dir, name), int64(cut)); err != nil {
-			t.Fatal(err)
-		}
+		tear(t, filepath.Join(dir, name), cut, preallocate)
 		// The last batch is entry 21, entry 22, hard state: expect the
 		// records that were complete at the cut.
 		want := synced
@@ -644,8 +700,13 @@ func TestTornTailEveryOffset(t *testing.T) {
 		if !slices.Contains(ends, cut) {
 			// Truncated at the end of the last complete record.
 			goodEnd := ends[len(ends)-4+complete]
-			e := hook.LastEntry()
-			if e == nil || e.Level != logrus.WarnLevel || e.Data["file"] != name || e.Data["offset"] != goodEnd ||
+			var e *logrus.Entry
+			for _, x := range hook.AllEntries() {
+				if x.Level == logrus.WarnLevel {
+					e = x
+				}
+			}
+			if e == nil || e.Data["file"] != name || e.Data["offset"] != goodEnd ||
 				!strings.Contains(e.Message, name) {
 				t.Fatalf("cut at %d: warning %+v", cut, e)
 			}
@@ -655,6 +716,9 @@ func TestTornTailEveryOffset(t *testing.T) {
 		s := saver{t, w, &want}
 		s.save(hardState(3, 3, 21), mkEnts(3, want.lastIndex()+1, want.lastIndex()+2))
 		mustClose(t, w)
+		if fi, err := os.Stat(filepath.Join(dir, name)); err != nil || preallocate && fi.Size() != opts.SegmentSize {
+			t.Fatalf("cut at %d: after repair and an append the segment is %v bytes (%v)", cut, fi.Size(), err)
+		}
 		w, st = mustOpen(t, dir, opts)
 		want.check(t, st)
 		mustClose(t, w)
@@ -691,45 +755,59 @@ func TestCrashBeforeSync(t *testing.T) {
 			return b
 		}},
 	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			opts, _ := testOptions()
-			opts.SegmentSize = 1 << 20
-			w, _ := mustOpen(t, dir, opts)
-			m := &model{}
-			s := saver{t, w, m}
-			for i := uint64(1); i <= 30; i += 5 {
-				s.save(hardState(1, 1, i), mkEnts(1, i, i+4))
-			}
-			synced := *m
-			seg := lastSegment(t, dir)
-			fi, _ := os.Stat(seg)
-			// The unsynced write: one big entry record followed by more.
-			big := mkEnts(1, 31, 31)
-			big[0].Data = bytes.Repeat([]byte("x"), 1000)
-			if err := w.Save(hardState(1, 1, 31), append(big, mkEnts(1, 32, 33)...)); err != nil {
-				t.Fatal(err)
-			}
-			mustClose(t, w)
-			b, err := os.ReadFile(seg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			b = append(b[:fi.Size():fi.Size()], tc.damage(b[fi.Size():])...)
-			if err := os.WriteFile(seg, b, 0o640); err != nil {
-				t.Fatal(err)
-			}
-			w, st := mustOpen(t, dir, opts)
-			synced.check(t, st)
-			s = saver{t, w, &synced}
-			s.save(hardState(2, 2, 30), mkEnts(2, 31, 32))
-			mustClose(t, w)
-			w, st = mustOpen(t, dir, opts)
-			defer mustClose(t, w)
-			synced.check(t, st)
-		})
+	for _, mode := range walModes {
+		for _, tc := range cases {
+			t.Run(mode.name+"/"+tc.name, func(t *testing.T) { crashBeforeSync(t, mode.preallocate, tc.damage) })
+		}
 	}
+}
+
+func crashBeforeSync(t *testing.T, preallocate bool, damage func([]byte) []byte) {
+	dir := t.TempDir()
+	opts, _ := testOptions()
+	opts.SegmentSize = 1 << 20
+	opts.Preallocate = preallocate
+	w, _ := mustOpen(t, dir, opts)
+	m := &model{}
+	s := saver{t, w, m}
+	for i := uint64(1); i <= 30; i += 5 {
+		s.save(hardState(1, 1, i), mkEnts(1, i, i+4))
+	}
+	synced := *m
+	seg := lastSegment(t, dir)
+	b, err := os.ReadFile(seg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	syncedEnd := dataEnd(t, b)
+	// The unsynced write: one big entry record followed by more.
+	big := mkEnts(1, 31, 31)
+	big[0].Data = bytes.Repeat([]byte("x"), 1000)
+	if err := w.Save(hardState(1, 1, 31), append(big, mkEnts(1, 32, 33)...)); err != nil {
+		t.Fatal(err)
+	}
+	mustClose(t, w)
+	if b, err = os.ReadFile(seg); err != nil {
+		t.Fatal(err)
+	}
+	size := len(b)
+	unsynced := b[syncedEnd:dataEnd(t, b)]
+	b = append(b[:syncedEnd:syncedEnd], damage(unsynced)...)
+	if preallocate && len(b) < size {
+		// The rest of a preallocated segment: never written.
+		b = append(b, make([]byte, size-len(b))...)
+	}
+	if err := os.WriteFile(seg, b, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	w, st := mustOpen(t, dir, opts)
+	synced.check(t, st)
+	s = saver{t, w, &synced}
+	s.save(hardState(2, 2, 30), mkEnts(2, 31, 32))
+	mustClose(t, w)
+	w, st = mustOpen(t, dir, opts)
+	defer mustClose(t, w)
+	synced.check(t, st)
 }
 
 // A torn write inside a large entry of random bytes: the scan for valid
@@ -997,5 +1075,65 @@ func TestSaveUnsynced(t *testing.T) {
 	defer w.Close()
 	if st.HardState.Commit != 1 || len(st.Entries) != 1 {
 		t.Fatalf("reopened: %+v, %d entries", st.HardState, len(st.Entries))
+	}
+}
+
+// TestPreallocatedSegments: new segments get their full size, a full one is
+// trimmed to its records when the next starts, a WAL written by appends is
+// preallocated when reopened, and none of it logs a repair.
+func TestPreallocatedSegments(t *testing.T) {
+	dir := t.TempDir()
+	opts, hook := testOptions()
+	opts.SegmentSize = 4 << 10
+	w, _ := mustOpen(t, dir, opts) // appends first
+	m := &model{}
+	s := saver{t, w, m}
+	s.save(hardState(1, 1, 1), mkEnts(1, 1, 5))
+	mustClose(t, w)
+	size := func(name string) int64 {
+		t.Helper()
+		fi, err := os.Stat(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi.Size()
+	}
+	first := segmentFiles(t, dir)[0]
+	if got := size(first); got >= opts.SegmentSize {
+		t.Fatalf("appended segment is %d bytes", got)
+	}
+
+	opts.Preallocate = true
+	w, st := mustOpen(t, dir, opts)
+	m.check(t, st)
+	if got := size(first); got != opts.SegmentSize {
+		t.Fatalf("reopened with preallocation: %d bytes, want %d", got, opts.SegmentSize)
+	}
+	s = saver{t, w, m}
+	for i := uint64(6); i < 400; i += 10 {
+		s.save(hardState(1, 1, i), mkEnts(1, i, i+9))
+	}
+	mustClose(t, w)
+	names := segmentFiles(t, dir)
+	if len(names) < 3 {
+		t.Fatalf("want several segments, got %v", names)
+	}
+	for i, name := range names {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		end := dataEnd(t, b)
+		if last := i == len(names)-1; last && len(b) != int(opts.SegmentSize) || !last && len(b) != end {
+			t.Errorf("segment %s: %d bytes, records end at %d (last %v)", name, len(b), end, last)
+		}
+	}
+	w, st = mustOpen(t, dir, opts)
+	m.check(t, st)
+	mustClose(t, w)
+	for _, e := range hook.AllEntries() {
+		if e.Level <= logrus.WarnLevel {
+			t.Errorf("logged %s: %s", e.Level, e.Message)
+		}
 	}
 }
