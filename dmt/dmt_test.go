@@ -231,13 +231,14 @@ func checkCollector(t *testing.T, shm string) {
 		"lockstep_dmt_turns_total":              float64(st.Total.Turns),
 		"lockstep_dmt_ops_total{mutex_lock}":    float64(st.Total.Ops["mutex_lock"]),
 		"lockstep_dmt_threads_created_total":    float64(st.Total.Threads),
+		"lockstep_dmt_steals_total":             float64(st.Total.Steals),
 		"lockstep_dmt_processes":                0, // the server is gone by now
 		"lockstep_dmt_blocked_threads":          0,
 		"lockstep_dmt_ops_total{thread_create}": float64(st.Total.Ops["thread_create"]),
 	}
 	for k, v := range want {
-		if got[k] != v {
-			t.Errorf("collector: %s = %v, want %v", k, got[k], v)
+		if g, ok := got[k]; !ok || g != v {
+			t.Errorf("collector: %s = %v (present: %v), want %v", k, g, ok, v)
 		}
 	}
 }

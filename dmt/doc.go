@@ -8,12 +8,18 @@
 //   - runtime/: liblockstep_dmt.so, in C, built by `make -C dmt/runtime`
 //     with the system compiler (Library finds or builds it). It interposes
 //     pthread, sleep, socket, poll/select/epoll, liburing/libaio waits and
-//     other blocking calls through LD_PRELOAD and dlsym(RTLD_NEXT). Nothing
-//     else is native.
+//     other blocking calls through LD_PRELOAD and dlsym(RTLD_NEXT), and the
+//     entry points that -D_FORTIFY_SOURCE builds call instead (__poll_chk,
+//     __ppoll_chk, __read_chk, __recv_chk, __recvfrom_chk: glibc's own reach
+//     glibc's internal calls, which LD_PRELOAD cannot). Nothing else is
+//     native.
 //   - Env and MergeEnv build the environment that puts a server under it.
 //   - ReadStats and NewCollector (Prometheus, for the replica's metrics)
 //     read the counters that every process of the server publishes in a
-//     shared-memory file (layout: runtime/shm.h, mirrored in shm.go).
+//     shared-memory file (layout: runtime/shm.h, mirrored in shm.go). In
+//     joint_sched the replica serves them; in xtern_only, which has no
+//     replica, the deployment does (eval.Deployment.DMTMetrics, `lockstep
+//     run --admin`).
 //   - runtime/shm.h also fixes the layout of the input channel that
 //     joint_sched feeds (chan.go; see "joint_sched").
 //
@@ -77,8 +83,9 @@
 // while holding the turn. A socket call is first tried under the turn
 // without blocking (MSG_DONTWAIT, zero timeout); only if it would block, and
 // the caller asked to block, does the thread leave the runq, block in the
-// kernel, and re-enter the runq when the call returns. Calls on regular
-// files do not take the turn.
+// kernel, and re-enter the runq when the call returns. recvmmsg and
+// sendmmsg are done as the kernel does them, one recvmsg or sendmsg per
+// message, each such a call. Calls on regular files do not take the turn.
 //
 // A thread past its start routine stays in the runq until it has died, so
 // that its destructors keep their place; it is reaped when the turn reaches
@@ -103,7 +110,8 @@
 // thread asleep in the kernel outside any operation, it is taken out of the
 // runq as if it had blocked through the runtime and re-enters at its next
 // operation. That keeps the process live at the cost of determinism, and is
-// counted (Counters.Steals); biases it held become shared. In xtern_only,
+// counted (Counters.Steals, lockstep_dmt_steals_total); biases it held
+// become shared. In xtern_only,
 // time calls return real time (the runtime only remembers the last
 // reading for timeouts; joint_sched makes them deterministic), and when
 // a blocked thread comes back is up to the kernel: that is the input,

@@ -13,8 +13,8 @@ type Collector struct {
 }
 
 type descs struct {
-	turns, waitSec, waits, ops, timeouts, idle, created, forks *prometheus.Desc
-	procs, threads, blocked, up                                *prometheus.Desc
+	turns, waitSec, waits, ops, timeouts, idle, created, forks, steals *prometheus.Desc
+	procs, threads, blocked, up                                        *prometheus.Desc
 }
 
 // NewCollector returns a Collector for the statistics file at path.
@@ -38,17 +38,19 @@ func NewCollectorFunc(path func() string) *Collector {
 		idle:     d("idle_advances_total", "Logical clock jumps while no thread could run."),
 		created:  d("threads_created_total", "Threads registered with the runtime."),
 		forks:    d("forks_total", "fork() calls under the runtime."),
-		procs:    d("processes", "Live processes of the server under the runtime."),
-		threads:  d("threads", "Live threads of the server under the runtime."),
-		blocked:  d("blocked_threads", "Threads now blocked in the kernel (outside the turn)."),
-		up:       d("up", "1 if the statistics file could be read."),
+		steals: d("steals_total", "Threads taken out of the run queue by the safety net while blocked "+
+			"in a call the runtime cannot see: each is a point where determinism was lost."),
+		procs:   d("processes", "Live processes of the server under the runtime."),
+		threads: d("threads", "Live threads of the server under the runtime."),
+		blocked: d("blocked_threads", "Threads now blocked in the kernel (outside the turn)."),
+		up:      d("up", "1 if the statistics file could be read."),
 	}}
 }
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.turns, c.waitSec, c.waits, c.ops, c.timeouts, c.idle,
-		c.created, c.forks, c.procs, c.threads, c.blocked, c.up} {
+		c.created, c.forks, c.steals, c.procs, c.threads, c.blocked, c.up} {
 		ch <- d
 	}
 }
@@ -75,6 +77,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.idle, t.IdleAdvances)
 	counter(c.created, t.Threads)
 	counter(c.forks, t.Forks)
+	counter(c.steals, t.Steals)
 	for _, op := range OpNames {
 		counter(c.ops, t.Ops[op], op)
 	}

@@ -50,10 +50,12 @@ static struct {
 	ssize_t (*readv)(int, const struct iovec *, int);
 	ssize_t (*recvfrom)(int, void *, size_t, int, struct sockaddr *, socklen_t *);
 	ssize_t (*recvmsg)(int, struct msghdr *, int);
+	int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
 	ssize_t (*write)(int, const void *, size_t);
 	ssize_t (*writev)(int, const struct iovec *, int);
 	ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
 	ssize_t (*sendmsg)(int, const struct msghdr *, int);
+	int (*sendmmsg)(int, struct mmsghdr *, unsigned int, int);
 	ssize_t (*sendfile)(int, int, off_t *, size_t);
 	int (*close)(int);
 	int (*shutdown)(int, int);
@@ -93,8 +95,8 @@ void dmt_io_init(void)
 {
 #define L(f) RI.f = dlsym(RTLD_NEXT, #f)
 	L(socket); L(socketpair); L(accept); L(accept4); L(connect);
-	L(read); L(readv); L(recvfrom); L(recvmsg);
-	L(write); L(writev); L(sendto); L(sendmsg); L(sendfile);
+	L(read); L(readv); L(recvfrom); L(recvmsg); L(recvmmsg);
+	L(write); L(writev); L(sendto); L(sendmsg); L(sendmmsg); L(sendfile);
 	L(close); L(shutdown); L(poll); L(ppoll); L(select); L(pselect);
 	L(epoll_wait); L(epoll_pwait); L(epoll_pwait2);
 	L(pipe); L(pipe2); L(dup); L(dup2); L(dup3); L(fcntl); L(fcntl64);
@@ -1061,6 +1063,55 @@ EXPORT ssize_t recvmsg(int fd, struct msghdr *m, int flags)
 	return sock_in(s, K_RECVMSG, fd, 0, 0, flags, m, 0);
 }
 
+/* recvmmsg and sendmmsg are, in the kernel, loops of recvmsg and sendmsg
+ * that return the messages done before an error, if any. Built here from
+ * the interposed calls, every message takes the turn and blocks outside
+ * it; as in the kernel, the timeout is checked only after a message. */
+EXPORT int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, struct timespec *tmo)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(recvmmsg)(fd, v, n, flags, tmo);
+	struct timespec end = {0, 0}, now;
+	if (tmo) {
+		if (tmo->tv_sec < 0 || tmo->tv_nsec < 0 || tmo->tv_nsec >= 1000000000) {
+			errno = EINVAL;
+			return -1;
+		}
+		R.clock_gettime(CLOCK_MONOTONIC, &end);
+		end.tv_sec += tmo->tv_sec + (end.tv_nsec + tmo->tv_nsec) / 1000000000;
+		end.tv_nsec = (end.tv_nsec + tmo->tv_nsec) % 1000000000;
+	}
+	int e = errno;
+	unsigned int i = 0;
+	while (i < n) {
+		ssize_t r = recvmsg(fd, &v[i].msg_hdr, flags & ~MSG_WAITFORONE);
+		if (r < 0) {
+			if (i == 0)
+				return -1;
+			break;
+		}
+		v[i++].msg_len = (unsigned int)r;
+		if (flags & MSG_WAITFORONE)
+			flags |= MSG_DONTWAIT;
+		if (tmo) {
+			R.clock_gettime(CLOCK_MONOTONIC, &now);
+			int64_t left = (int64_t)(end.tv_sec - now.tv_sec) * 1000000000 +
+				       (end.tv_nsec - now.tv_nsec);
+			if (left < 0)
+				left = 0;
+			tmo->tv_sec = left / 1000000000;
+			tmo->tv_nsec = left % 1000000000;
+			if (left == 0)
+				break;
+		}
+		if (v[i - 1].msg_hdr.msg_flags & MSG_OOB)
+			break;
+	}
+	errno = e;
+	return (int)i;
+}
+
 EXPORT ssize_t write(int fd, const void *buf, size_t n)
 {
 	dmt_thread *s = dmt_enter();
@@ -1131,6 +1182,28 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *m, int flags)
 	if (!s)
 		return REAL(sendmsg)(fd, m, flags);
 	return sock_out(s, K_SENDMSG, fd, 0, 0, flags, m, 0);
+}
+
+EXPORT int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
+{
+	dmt_thread *s = dmt_enter();
+	if (!s)
+		return REAL(sendmmsg)(fd, v, n, flags);
+	if (n > 1024) /* UIO_MAXIOV: the kernel sends at most that many */
+		n = 1024;
+	int e = errno;
+	unsigned int i = 0;
+	for (; i < n; i++) {
+		ssize_t r = sendmsg(fd, &v[i].msg_hdr, flags);
+		if (r < 0) {
+			if (i == 0)
+				return -1;
+			break;
+		}
+		v[i].msg_len = (unsigned int)r;
+	}
+	errno = e;
+	return (int)i;
 }
 
 static ssize_t do_sendfile(int out, int in, off_t *off, size_t n)
@@ -1451,6 +1524,56 @@ EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const 
 	errno = e;
 	return r;
 }
+
+/* ---------------------------------------------------------------- fortified */
+
+/*
+ * Entry points of -D_FORTIFY_SOURCE builds (MariaDB imports __poll_chk).
+ * glibc's own check the buffer size and then call glibc's internal
+ * poll/read/recv, out of LD_PRELOAD's reach: the call would escape the
+ * runtime, and only the safety net would notice. These make the same
+ * check, failing as glibc does, then go through the interposed call.
+ */
+extern void __chk_fail(void) __attribute__((noreturn));
+
+EXPORT int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t fdslen)
+{
+	if (fdslen / sizeof(*fds) < n)
+		__chk_fail();
+	return poll(fds, n, timeout);
+}
+
+EXPORT int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *ts,
+		       const sigset_t *mask, size_t fdslen)
+{
+	if (fdslen / sizeof(*fds) < n)
+		__chk_fail();
+	return ppoll(fds, n, ts, mask);
+}
+
+EXPORT ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
+{
+	if (n > buflen)
+		__chk_fail();
+	return read(fd, buf, n);
+}
+
+EXPORT ssize_t __recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags)
+{
+	if (n > buflen)
+		__chk_fail();
+	return recv(fd, buf, n, flags);
+}
+
+EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
+			      struct sockaddr *a, socklen_t *al)
+{
+	if (n > buflen)
+		__chk_fail();
+	return recvfrom(fd, buf, n, flags, a, al);
+}
+
+/* ---------------------------------------------------------------- select */
 
 static int sets_empty(int n, fd_set *a, fd_set *b, fd_set *c)
 {
