@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,7 +37,11 @@ type DeployOptions struct {
 	// WorkDir holds every replica's data; it is created.
 	WorkDir string
 	// Run names the namespaces and cgroup (default: the config's name).
-	Run    string
+	Run string
+	// Admin is where xtern_only serves the runtime's metrics (/metrics),
+	// from this process; default 127.0.0.1:0, localhost as a replica's
+	// admin. The modes with replicas use theirs.
+	Admin  string
 	Logger logrus.FieldLogger
 }
 
@@ -52,6 +57,9 @@ type Deployment struct {
 	addrs    []string // where clients connect, per replica
 	admins   []string
 	log      logrus.FieldLogger
+	// xtern_only: the runtime's statistics file and their metrics server
+	dmtShm, dmtAddr string
+	dmtSrv          *http.Server
 }
 
 // Port of the replicas' client listener and of their log (per namespace,
@@ -138,11 +146,15 @@ func (d *Deployment) startServer(ctx context.Context) error {
 		Dir: filepath.Join(d.opts.WorkDir, "r1", "server"), Name: d.opts.Config.Name + "-r1",
 		Host: d.cluster.Addr("r1"), Port: port, Logger: d.log}
 	if d.opts.Mode == configs.ModeXternOnly {
-		env, err := dmt.Env(dmt.Options{Shm: filepath.Join(d.opts.WorkDir, "r1", "dmt.shm")})
+		shm := filepath.Join(d.opts.WorkDir, "r1", "dmt.shm")
+		env, err := dmt.Env(dmt.Options{Shm: shm})
 		if err != nil {
 			return err
 		}
 		so.Env = env
+		if err := d.serveDMT(d.opts.Admin, shm); err != nil {
+			return err
+		}
 	}
 	if err := d.cluster.Place("r1", &so); err != nil {
 		return err
@@ -306,6 +318,7 @@ func (d *Deployment) Close() error {
 			d.log.WithError(err).Warn("eval: stopping server")
 		}
 	}
+	d.closeDMT()
 	if d.cluster != nil {
 		return d.cluster.Close()
 	}

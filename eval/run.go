@@ -83,6 +83,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		for r := 1; r <= o.Rounds; r++ {
 			bar.label(mode, fmt.Sprintf("round %d/%d", r, o.Rounds))
 			b0, t0 := d.appliedBubbles(ctx), time.Now()
+			s0, serr := d.DMTStats()
 			m, err := runClient(ctx, d, o.Config.Client.Parser, client, filepath.Join(o.WorkDir, mode), r)
 			if err != nil {
 				d.Close()
@@ -91,6 +92,12 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 			var extra map[string]float64
 			if b1 := d.appliedBubbles(ctx); b0 >= 0 && b1 >= b0 {
 				extra = map[string]float64{"bubbles/s": (b1 - b0) / time.Since(t0).Seconds()}
+			}
+			// xtern_only: what the runtime did in the round
+			if s1, err := d.DMTStats(); serr == nil && err == nil {
+				extra = dmtRound(s0, s1)
+				bar.note(fmt.Sprintf("%s round %d: %.0f turns, %.0f waits, %.3f s waiting, %.0f steals",
+					mode, r, extra["turns"], extra["waits"], extra["wait_s"], extra["steals"]))
 			}
 			res.Rounds = append(res.Rounds, Round{Mode: mode, Round: r, Measurement: m, Extra: extra})
 			bar.step()
@@ -238,7 +245,16 @@ func (p *progress) draw() {
 }
 
 func (p *progress) label(mode, what string) { p.text = mode + " " + what; p.draw() }
-func (p *progress) step()                   { p.done++; p.draw() }
+
+// note prints a line above the bar.
+func (p *progress) note(line string) {
+	if p.w != nil {
+		fmt.Fprintf(p.w, "\r\033[K%s\n", line)
+		p.draw()
+	}
+}
+
+func (p *progress) step() { p.done++; p.draw() }
 func (p *progress) finish() {
 	if p.w != nil {
 		p.text = "done"

@@ -25,9 +25,9 @@ func (e exitError) Error() string { return fmt.Sprintf("command exited with stat
 
 func newRunCmd() *cobra.Command {
 	var (
-		cfgPath, mode, workDir string
-		replicas               int
-		quota                  float64
+		cfgPath, mode, workDir, admin string
+		replicas                      int
+		quota                         float64
 	)
 	cmd := &cobra.Command{
 		Use:   "run --config F --mode MODE [--replicas N] [-- COMMAND ARGS...]",
@@ -42,7 +42,8 @@ namespace with LOCKSTEP_ADDR=host:port of the leader in its environment, tears
 the cluster down when it exits and exits with its status. Each run is a new
 cluster: leftovers of a crashed earlier run and the work directory of the last
 run (its logs, replica logs and server copies, kept until then for a look) are
-removed first.
+removed first. In xtern_only the deterministic runtime's statistics
+(lockstep_dmt_*) are served at http://<--admin>/metrics, as printed.
 
 Modes: ` + strings.Join(configs.Modes, ", "),
 		Args: cobra.ArbitraryArgs,
@@ -63,7 +64,7 @@ Modes: ` + strings.Join(configs.Modes, ", "),
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			d, err := eval.Deploy(ctx, eval.DeployOptions{Config: cfg, Mode: mode, Replicas: replicas,
-				CPUQuota: quota, WorkDir: workDir, Logger: logrus.StandardLogger()})
+				CPUQuota: quota, WorkDir: workDir, Admin: admin, Logger: logrus.StandardLogger()})
 			if err != nil {
 				return err
 			}
@@ -72,6 +73,10 @@ Modes: ` + strings.Join(configs.Modes, ", "),
 					logrus.WithError(err).Warn("tearing the cluster down")
 				}
 			}()
+			if u := d.DMTMetrics(); u != "" {
+				// on stderr: with a command, stdout is the command's
+				fmt.Fprintf(cmd.ErrOrStderr(), "deterministic runtime's metrics (lockstep_dmt_*): %s\n", u)
+			}
 			if len(args) == 0 {
 				fmt.Fprintf(cmd.OutOrStdout(), "%s in mode %s; clients connect from namespace ls-%s-client to:\n",
 					cfg.Name, mode, cfg.Name)
@@ -111,6 +116,7 @@ Modes: ` + strings.Join(configs.Modes, ", "),
 	f.IntVar(&replicas, "replicas", 3, "replicas in the modes with consensus")
 	f.Float64Var(&quota, "cpu-quota", -1, "cores per namespace (default: the config's cluster.cpu_quota; 0: none)")
 	f.StringVar(&workDir, "work-dir", "", "where replicas keep their data (default: <data_dir>/run-<mode>)")
+	f.StringVar(&admin, "admin", "127.0.0.1:0", "xtern_only: where the runtime's /metrics are served (localhost unless set)")
 	_ = cmd.MarkFlagRequired("config")
 	return cmd
 }
