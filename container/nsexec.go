@@ -4,9 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -26,6 +28,37 @@ import (
 //
 // Helper command line: lockstep-nsexec [-netns PATH] [-cgroup DIR]... -- PATH ARGV0 ARGS...
 const nsexecArg0 = "lockstep-nsexec"
+
+// deferredPreload carries the program's LD_PRELOAD through the helper: the
+// helper is a dynamically linked binary too, and a library meant for the
+// program (the deterministic runtime) must not load into it and schedule
+// its Go threads. The helper sets LD_PRELOAD from it just before execve.
+const deferredPreload = "LOCKSTEP_NSEXEC_LD_PRELOAD"
+
+// deferPreload renames LD_PRELOAD in the environment of a command started
+// through the helper; other commands are left alone.
+func deferPreload(cmd *exec.Cmd) {
+	if len(cmd.Args) == 0 || cmd.Args[0] != nsexecArg0 || cmd.Env == nil {
+		return
+	}
+	for i, kv := range cmd.Env {
+		if v, ok := strings.CutPrefix(kv, "LD_PRELOAD="); ok {
+			cmd.Env[i] = deferredPreload + "=" + v
+		}
+	}
+}
+
+// programEnv is the helper's environment with LD_PRELOAD given back.
+func programEnv(env []string) []string {
+	out := make([]string, 0, len(env))
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, deferredPreload+"="); ok {
+			kv = "LD_PRELOAD=" + v
+		}
+		out = append(out, kv)
+	}
+	return out
+}
 
 func init() {
 	if len(os.Args) > 0 && os.Args[0] == nsexecArg0 {
@@ -90,7 +123,7 @@ func nsexec(args []string) error {
 			return fmt.Errorf("setns %s: %w", netnsPath, err)
 		}
 	}
-	if err := unix.Exec(path, argv, os.Environ()); err != nil {
+	if err := unix.Exec(path, argv, programEnv(os.Environ())); err != nil {
 		return fmt.Errorf("exec %s: %w", path, err)
 	}
 	return nil

@@ -157,6 +157,7 @@ func StartServer(ctx context.Context, o ServerOptions) (*Server, error) {
 	cmd := newCmd(args[0], args[1:]...)
 	cmd.Dir = dir
 	cmd.Env = env
+	deferPreload(cmd)
 	cmd.Stdin = nil
 	cmd.Stdout = lf
 	cmd.Stderr = lf
