@@ -116,6 +116,7 @@ func newLogNodeCmd() *cobra.Command {
 				Logger: logrus.StandardLogger()}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			slowSysmonInBackground(logrus.StandardLogger())
 			return logbench.RunNode(ctx, o)
 		},
 	}

@@ -81,6 +81,7 @@ reset, the log is closed cleanly and the server stopped.`,
 }
 
 func runReplica(cfg *configs.Config, id uint64, dataDir string, join, useDMT bool) error {
+	slowSysmonInBackground(logrus.StandardLogger())
 	if cfg.Checkpoint.Enabled || cfg.Checkpoint.UseContainer() {
 		return runContainerReplica(cfg, id, dataDir, join, useDMT)
 	}
