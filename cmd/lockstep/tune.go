@@ -40,7 +40,7 @@ func slowSysmon(slack time.Duration, arch string) (tid int, err error) {
 	seen := map[int]int{}
 	// Reading /proc is a syscall, and a syscall wakes a sleeping sysmon
 	// into its 20 µs rounds: sampling makes the activity it looks for.
-	for i := 0; i < 200 && maxSeen(seen) < 5; i++ {
+	for i := 0; i < 1000 && maxSeen(seen) < 5; i++ {
 		tids, err := os.ReadDir("/proc/self/task")
 		if err != nil {
 			return 0, fmt.Errorf("sysmon: %w", err)
