@@ -161,7 +161,7 @@ func resetConn(c *net.TCPConn) {
 // handle serves a client itself if this replica leads and serves, relays
 // it to the leader otherwise, and refuses it if no leader appears in time.
 func (r *Replica) handle(c *net.TCPConn) {
-	_ = c.SetNoDelay(true)
+	// Accepted TCP connections come with TCP_NODELAY set.
 	deadline := time.Now().Add(r.o.LeaderWait)
 	for r.ctx.Err() == nil {
 		st := r.node.Status()

@@ -269,7 +269,8 @@ func (f *TCPFeeder) connect() (*net.TCPConn, error) {
 	if err != nil {
 		return nil, os.NewSyscallError("socket", err)
 	}
-	_ = syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
+	// No TCP_NODELAY here: net.FileConn sets it (and keepalive) on every
+	// TCP socket it wraps.
 	if err := syscall.Connect(fd, f.addrCache.sa); err != nil && err != syscall.EINPROGRESS && err != syscall.EINTR {
 		syscall.Close(fd)
 		return nil, os.NewSyscallError("connect", err)
