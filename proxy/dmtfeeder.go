@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"net"
 	"sync"
 	"sync/atomic"
 
@@ -220,8 +219,5 @@ func (t *TCPFeeder) localPort(conn uint64) int {
 	if fc == nil || fc.c == nil {
 		return 0
 	}
-	if a, ok := fc.c.LocalAddr().(*net.TCPAddr); ok {
-		return a.Port
-	}
-	return 0
+	return fc.c.localPort()
 }
