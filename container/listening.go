@@ -18,18 +18,14 @@ import (
 // deterministic runtime keeps a connection that is not in the log for
 // ever, and its source port could later be taken for one that is.
 func Listening(addr string) (bool, error) {
-	host, portStr, err := net.SplitHostPort(addr)
+	host, port, err := splitPort(addr)
 	if err != nil {
 		return false, err
-	}
-	port, err := strconv.ParseUint(portStr, 10, 16)
-	if err != nil {
-		return false, fmt.Errorf("container: port of %q: %w", addr, err)
 	}
 	want := net.ParseIP(host)
 	found := false
 	for _, f := range procNetTCP {
-		ok, err := listeningIn(f, want, uint16(port))
+		ok, err := listeningIn(f, want, port)
 		if err != nil && !os.IsNotExist(err) {
 			return false, err
 		}
@@ -43,18 +39,14 @@ func Listening(addr string) (bool, error) {
 // listens). CRIU cannot image a connection there (an "in-flight" one): a
 // dump waits until the server has taken them.
 func AcceptQueue(addr string) (int, error) {
-	_, portStr, err := net.SplitHostPort(addr)
+	_, port, err := splitPort(addr)
 	if err != nil {
 		return 0, err
-	}
-	port, err := strconv.ParseUint(portStr, 10, 16)
-	if err != nil {
-		return 0, fmt.Errorf("container: port of %q: %w", addr, err)
 	}
 	n := 0
 	for _, f := range procNetTCP {
 		err := scanListeners(f, func(_ net.IP, p uint16, queued int) bool {
-			if p == uint16(port) {
+			if p == port {
 				n += queued
 			}
 			return false
@@ -64,6 +56,19 @@ func AcceptQueue(addr string) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// splitPort splits host:port with a numeric port.
+func splitPort(addr string) (string, uint16, error) {
+	host, portStr, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
+	}
+	port, err := strconv.ParseUint(portStr, 10, 16)
+	if err != nil {
+		return "", 0, fmt.Errorf("container: port of %q: %w", addr, err)
+	}
+	return host, uint16(port), nil
 }
 
 // procNetTCP are read through thread-self: /proc/net is the namespace of

@@ -56,13 +56,13 @@ func jointOptions(o *LXCServerOptions) error {
 }
 
 // ShmPath is where the replica reads the runtime's statistics file of the
-// current container ("" while there is none).
+// current container ("" while there is none, or without joint_sched).
 func (s *LXCServer) ShmPath() string {
 	pid := s.InitPid()
-	if pid <= 0 {
+	if pid <= 0 || s.o.DMT.Shm == "" {
 		return ""
 	}
-	return fmt.Sprintf("/proc/%d/root%s", pid, filepath.Join(s.o.DataDir, "dmt.shm"))
+	return fmt.Sprintf("/proc/%d/root%s", pid, s.o.DMT.Shm)
 }
 
 func (s *LXCServer) feedJoint(c Committed) {

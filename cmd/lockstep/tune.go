@@ -37,10 +37,10 @@ func slowSysmon(slack time.Duration, arch string) (tid int, err error) {
 	if !ok {
 		return 0, fmt.Errorf("sysmon: no nanosleep number known for %s", arch)
 	}
-	seen := map[int]int{}
+	seen, most := map[int]int{}, 0
 	// Reading /proc is a syscall, and a syscall wakes a sleeping sysmon
 	// into its 20 µs rounds: sampling makes the activity it looks for.
-	for i := 0; i < 1000 && maxSeen(seen) < 5; i++ {
+	for i := 0; i < 1000 && most < 5; i++ {
 		tids, err := os.ReadDir("/proc/self/task")
 		if err != nil {
 			return 0, fmt.Errorf("sysmon: %w", err)
@@ -53,6 +53,7 @@ func slowSysmon(slack time.Duration, arch string) (tid int, err error) {
 			if f := strings.Fields(string(b)); len(f) > 0 && f[0] == nr {
 				id, _ := strconv.Atoi(t.Name())
 				seen[id]++
+				most = max(most, seen[id])
 			}
 		}
 		time.Sleep(50 * time.Microsecond)
@@ -75,14 +76,6 @@ func slowSysmon(slack time.Duration, arch string) (tid int, err error) {
 		return 0, fmt.Errorf("sysmon: %w", err)
 	}
 	return best, nil
-}
-
-func maxSeen(seen map[int]int) int {
-	m := 0
-	for _, n := range seen {
-		m = max(m, n)
-	}
-	return m
 }
 
 // sysmonSlack is the timer slack given to the Go runtime's monitor thread

@@ -50,7 +50,7 @@ func mkdirAll(dir string, sync bool) error {
 // (positioned after data) when keepOpen is set. renamed reports whether
 // path was created, even if a later step (the directory sync) failed.
 // prepare, if set, runs on the file after the write and before the sync.
-func writeFileSync(path string, data []byte, sync, keepOpen bool, prepare, onSync func(*os.File) error) (f *os.File, renamed bool, err error) {
+func writeFileSync(path string, data []byte, sync, keepOpen bool, prepare func(*os.File), onSync func(*os.File) error) (f *os.File, renamed bool, err error) {
 	tmp := path + tmpSuffix
 	f, err = os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
 	if err != nil {
@@ -65,9 +65,7 @@ func writeFileSync(path string, data []byte, sync, keepOpen bool, prepare, onSyn
 		return fail(err)
 	}
 	if prepare != nil {
-		if err := prepare(f); err != nil {
-			return fail(err)
-		}
+		prepare(f)
 	}
 	if sync {
 		if err := onSync(f); err != nil {

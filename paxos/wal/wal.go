@@ -277,7 +277,7 @@ func (w *WAL) recover() (State, error) {
 		return State{}, fmt.Errorf("wal: seek %s: %w", last.name(), err)
 	}
 	// A segment written before preallocation was asked for gets it now.
-	_ = w.preallocate(f)
+	w.preallocate(f)
 	w.f, w.off, w.segs = f, end, segs
 	w.lastIndex, w.snapIndex, w.hs = rp.lastIndex, rp.snapIndex, rp.hsRaw
 
@@ -383,7 +383,7 @@ func (w *WAL) truncateTail(path, name string, off, size int, cause error) error 
 	if err := f.Truncate(int64(off)); err != nil {
 		return fmt.Errorf("wal: truncate %s at %d: %w", name, off, err)
 	}
-	_ = w.preallocate(f)
+	w.preallocate(f)
 	if !w.opts.NoSync {
 		if err := w.syncFile(f); err != nil {
 			return fmt.Errorf("wal: sync %s after truncate: %w", name, err)
@@ -504,14 +504,13 @@ func (w *WAL) createSegment(s segment) (*os.File, int64, error) {
 // Options.Preallocate asks for it. It is an optimisation: a file system
 // without fallocate, or too full for a whole segment, gets appends, and a
 // disk that is really full fails the next write instead.
-func (w *WAL) preallocate(f *os.File) error {
+func (w *WAL) preallocate(f *os.File) {
 	if !w.opts.Preallocate {
-		return nil
+		return
 	}
 	if err := unix.Fallocate(int(f.Fd()), 0, 0, w.opts.SegmentSize); err != nil {
 		w.log.WithError(err).WithField("file", filepath.Base(f.Name())).Debug("wal: segment not preallocated")
 	}
-	return nil
 }
 
 func (w *WAL) syncFile(f *os.File) error {
