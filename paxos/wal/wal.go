@@ -69,11 +69,12 @@ type Options struct {
 	// (for metrics). Directory syncs are not reported.
 	OnSync func(time.Duration)
 	// Preallocate gives every new segment its full SegmentSize at once
-	// (fallocate), so that an append does not change the file's size and
-	// its fdatasync has no metadata to write: on this project's machines
-	// (ext4) 70 instead of 105 µs, and a third less CPU. The unused rest of
-	// a segment reads as zeros, which recovery takes for the end of the
-	// log. File systems without fallocate get plain appends.
+	// (fallocate), so that an append does not change the file's size, and
+	// writes zeros a little ahead of the appends (zeroAhead), so that an
+	// append lands on blocks already written and its fdatasync has no
+	// metadata to write at all. The unused rest of a segment reads as
+	// zeros, which recovery takes for the end of the log. File systems
+	// without fallocate get plain appends.
 	Preallocate bool
 }
 
@@ -103,7 +104,19 @@ type WAL struct {
 	// unsynced: the current segment has records written by SaveUnsynced
 	// and not yet covered by an fsync.
 	unsynced bool
+	// allocated is the size the current segment was preallocated to (0:
+	// not preallocated); zeroed is how far its blocks have been written,
+	// with records or with zeros (see zeroAhead).
+	allocated, zeroed int64
 }
+
+// zeroChunk is how much zeroAhead writes at a time: the fdatasync that
+// first covers a chunk also writes it and records its blocks as written
+// (a journal commit on ext4), one slower sync per this much log.
+const zeroChunk = 1 << 20
+
+// zeros is the source of zeroAhead's writes.
+var zeros [zeroChunk]byte
 
 // segment is what the WAL remembers about one segment file.
 type segment struct {
@@ -277,8 +290,8 @@ func (w *WAL) recover() (State, error) {
 		return State{}, fmt.Errorf("wal: seek %s: %w", last.name(), err)
 	}
 	// A segment written before preallocation was asked for gets it now.
-	w.preallocate(f)
-	w.f, w.off, w.segs = f, end, segs
+	w.setCurrent(f, end, w.preallocate(f))
+	w.segs = segs
 	w.lastIndex, w.snapIndex, w.hs = rp.lastIndex, rp.snapIndex, rp.hsRaw
 
 	st := State{Snapshot: rp.snap, HardState: rp.hs}
@@ -469,48 +482,85 @@ func (rp *replay) apply(rec record, seg *segment) error {
 }
 
 func (w *WAL) createFirstSegment() error {
-	f, off, err := w.createSegment(segment{seq: 1, firstIndex: 1})
+	f, off, alloc, err := w.createSegment(segment{seq: 1, firstIndex: 1})
 	if err != nil {
 		if f != nil {
 			_ = f.Close()
 		}
 		return err
 	}
-	w.f, w.off = f, off
+	w.setCurrent(f, off, alloc)
 	w.segs = []segment{{seq: 1, firstIndex: 1}}
 	return nil
 }
 
 // createSegment writes a new segment holding its header and the newest hard
-// state. On error, a non-nil file means the segment was renamed into place
-// (only the directory sync failed) and must be treated as part of the log.
-func (w *WAL) createSegment(s segment) (*os.File, int64, error) {
+// state; alloc is the size it was preallocated to. On error, a non-nil file
+// means the segment was renamed into place (only the directory sync failed)
+// and must be treated as part of the log.
+func (w *WAL) createSegment(s segment) (f *os.File, off, alloc int64, err error) {
 	buf := segmentHeader{seq: s.seq, firstIndex: s.firstIndex}.appendTo(nil)
 	if len(w.hs) > 0 {
 		buf = appendRecord(buf, recHardState, w.hs)
 	}
-	f, renamed, err := writeFileSync(filepath.Join(w.dir, s.name()), buf, !w.opts.NoSync, true, w.preallocate, w.syncFileFull)
+	prepare := func(f *os.File) { alloc = w.preallocate(f) }
+	f, renamed, err := writeFileSync(filepath.Join(w.dir, s.name()), buf, !w.opts.NoSync, true, prepare, w.syncFileFull)
 	if err != nil {
 		err = fmt.Errorf("wal: create segment %s: %w", s.name(), err)
 		if renamed {
-			return f, int64(len(buf)), err
+			return f, int64(len(buf)), alloc, err
 		}
-		return nil, 0, err
+		return nil, 0, 0, err
 	}
-	return f, int64(len(buf)), nil
+	return f, int64(len(buf)), alloc, nil
+}
+
+// setCurrent makes f, of size off and preallocated to alloc, the segment
+// appended to.
+func (w *WAL) setCurrent(f *os.File, off, alloc int64) {
+	w.f, w.off = f, off
+	w.allocated, w.zeroed = alloc, off
 }
 
 // preallocate extends f to SegmentSize with fallocate when
-// Options.Preallocate asks for it. It is an optimisation: a file system
-// without fallocate, or too full for a whole segment, gets appends, and a
-// disk that is really full fails the next write instead.
-func (w *WAL) preallocate(f *os.File) {
+// Options.Preallocate asks for it, and returns the size it got (0 if
+// none). It is an optimisation: a file system without fallocate, or too
+// full for a whole segment, gets appends, and a disk that is really full
+// fails the next write instead.
+func (w *WAL) preallocate(f *os.File) int64 {
 	if !w.opts.Preallocate {
-		return
+		return 0
 	}
 	if err := unix.Fallocate(int(f.Fd()), 0, 0, w.opts.SegmentSize); err != nil {
 		w.log.WithError(err).WithField("file", filepath.Base(f.Name())).Debug("wal: segment not preallocated")
+		return 0
 	}
+	return w.opts.SegmentSize
+}
+
+// zeroAhead writes zeros after the end of the log, a chunk at a time,
+// before the appends get there. Fallocate leaves blocks "unwritten": the
+// fdatasync of an append into them must also record them as written, a
+// journal commit on ext4 (on this project's machines 180-240 instead of
+// 125-180 µs per sync, with three WALs syncing at once). Zeros written
+// ahead (not synced: the next append's sync takes them along) move that
+// commit to one sync per zeroChunk. A failed write is left to that sync
+// to report.
+func (w *WAL) zeroAhead() {
+	if w.off <= w.zeroed-zeroChunk/2 || w.zeroed >= w.allocated {
+		w.zeroed = max(w.zeroed, w.off)
+		return
+	}
+	from := max(w.zeroed, w.off)
+	n := min(zeroChunk, w.allocated-from)
+	if n <= 0 {
+		w.zeroed = from
+		return
+	}
+	if _, err := w.f.WriteAt(zeros[:n], from); err != nil {
+		w.log.WithError(err).WithField("file", w.segs[len(w.segs)-1].name()).Debug("wal: zeroing ahead failed")
+	}
+	w.zeroed = from + n
 }
 
 func (w *WAL) syncFile(f *os.File) error {
@@ -634,6 +684,7 @@ func (w *WAL) writeSync(buf []byte, sync bool) error {
 		w.err = fmt.Errorf("wal: write %s at offset %d: %w", w.segs[len(w.segs)-1].name(), w.off, err)
 		return w.err
 	}
+	w.zeroAhead()
 	if !sync {
 		w.unsynced = true
 		return nil
@@ -696,7 +747,7 @@ func (w *WAL) maybeRotate() error {
 	}
 	cur := w.segs[len(w.segs)-1]
 	next := segment{seq: cur.seq + 1, firstIndex: w.lastIndex + 1}
-	f, off, err := w.createSegment(next)
+	f, off, alloc, err := w.createSegment(next)
 	if err != nil && f == nil {
 		// Nothing changed on disk; keep appending to the current segment
 		// and try again after the next write.
@@ -715,7 +766,7 @@ func (w *WAL) maybeRotate() error {
 	if cerr := w.f.Close(); cerr != nil {
 		w.log.WithError(cerr).WithField("file", cur.name()).Warn("wal: close of synced segment failed")
 	}
-	w.f, w.off = f, off
+	w.setCurrent(f, off, alloc)
 	w.segs = append(w.segs, next)
 	if err != nil {
 		w.err = err // the directory entry may not be durable

@@ -1006,21 +1006,26 @@ func TestPlausibleStartAcceptsWrittenRecords(t *testing.T) {
 }
 
 func BenchmarkSave(b *testing.B) {
-	for _, sync := range []bool{true, false} {
-		name := "fsync"
-		if !sync {
-			name = "nosync"
-		}
-		b.Run(name, func(b *testing.B) {
-			w, _, err := Open(b.TempDir(), Options{NoSync: !sync, Logger: logrus.New()})
+	for _, bc := range []struct {
+		name        string
+		sync, alloc bool
+		batch       int
+	}{
+		{"fsync", true, false, 64},
+		{"nosync", false, false, 64},
+		// One small entry per sync, as on the latency path.
+		{"fsync-1", true, false, 1},
+		{"fsync-1-preallocated", true, true, 1},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			w, _, err := Open(b.TempDir(), Options{NoSync: !bc.sync, Preallocate: bc.alloc, Logger: logrus.New()})
 			if err != nil {
 				b.Fatal(err)
 			}
 			defer w.Close()
-			const batch = 64
 			data := bytes.Repeat([]byte("d"), 256)
-			ents := make([]raftpb.Entry, batch)
-			b.SetBytes(batch * int64(len(data)))
+			ents := make([]raftpb.Entry, bc.batch)
+			b.SetBytes(int64(bc.batch) * int64(len(data)))
 			b.ReportAllocs()
 			index := uint64(1)
 			for b.Loop() {
