@@ -58,11 +58,12 @@ type TCPFeederOptions struct {
 // Feed does what cannot block at once, in log order: it opens a
 // connection with a non-blocking connect (the SYNs leave in log order, so
 // the server accepts the connections in the log's order) and writes data
-// with a non-blocking write when the connection has nothing queued. What
-// would block goes to the connection's own queue and writer goroutine, so
-// that a server that does not read one connection never holds up another,
-// nor the apply loop. Each connection's output is read by its own
-// goroutine.
+// with a non-blocking write when the connection has nothing queued, and
+// shuts it down or closes it at once when that cannot wait on the server.
+// What would block goes to the connection's own queue and writer
+// goroutine, started when there is something to queue, so that a server
+// that does not read one connection never holds up another, nor the apply
+// loop. Each connection's output is read by its own goroutine.
 type TCPFeeder struct {
 	o TCPFeederOptions
 
@@ -104,14 +105,13 @@ type feedConn struct {
 	c  *serverConn // nil when the connect failed
 	rc syscall.RawConn
 
-	mu      sync.Mutex
-	cond    *sync.Cond
-	ops     []feedOp
-	writing bool      // the writer is doing an op
-	waiting bool      // its connect waits for the gate (OrderConnects)
-	aborted bool      // we reset it: the reader reports ErrAborted
-	broken  bool      // a write failed: drop further data
-	expiry  time.Time // a reset is queued: writes must be done by then
+	mu       sync.Mutex
+	ops      []feedOp
+	writerOn bool      // a writer goroutine runs (until the queue is empty)
+	waiting  bool      // its connect waits for the gate (OrderConnects)
+	aborted  bool      // we reset it: the reader reports ErrAborted
+	broken   bool      // a write failed: drop further data
+	expiry   time.Time // a reset is queued: writes must be done by then
 
 	readerDone chan struct{}
 	// gate (OrderConnects) is closed once the connect was issued (or
@@ -164,9 +164,8 @@ func (f *TCPFeeder) Feed(ev Committed) {
 			return // the state machine never does this
 		}
 		fc := &feedConn{f: f, id: ev.Conn, readerDone: make(chan struct{})}
-		fc.cond = sync.NewCond(&fc.mu)
 		f.conns[ev.Conn] = fc
-		f.wg.Add(2)
+		f.wg.Add(1) // the reader
 		if f.o.OrderConnects {
 			// Pruned at every connect, waited on only while ordering.
 			after := f.endingLocked()
@@ -179,18 +178,18 @@ func (f *TCPFeeder) Feed(ev Committed) {
 			if len(fc.after) > 0 || fc.prev != nil {
 				// The writer connects once the gate opens; until then
 				// the connection's events wait in its queue.
-				fc.waiting = true
+				fc.waiting, fc.writerOn = true, true
 				fc.gate = make(chan struct{})
 				f.lastGate = fc.gate
 				f.outstanding++ // the connect, for Quiesce
+				f.wg.Add(1)
 				f.mu.Unlock()
-				go fc.writer()
+				go fc.writer(true)
 				return
 			}
 		}
 		f.mu.Unlock()
 		fc.open()
-		go fc.writer()
 		return
 	case Data:
 		fc := f.conns[ev.Conn]
@@ -219,19 +218,25 @@ func (f *TCPFeeder) Feed(ev Committed) {
 		}
 	case Shutdown:
 		if fc := f.conns[ev.Conn]; fc != nil {
-			f.outstanding++
 			if f.o.OrderConnects {
 				f.ending[ev.Conn] = fc
 			}
+			if fc.endNow(feedOp{typ: Shutdown}) {
+				break
+			}
+			f.outstanding++
 			fc.push(feedOp{typ: Shutdown})
 		}
 	case Close, ServerClose:
 		if fc := f.conns[ev.Conn]; fc != nil {
 			delete(f.conns, ev.Conn)
-			f.outstanding++
 			if f.o.OrderConnects && !ev.Abort {
 				f.ending[ev.Conn] = fc
 			}
+			if fc.endNow(feedOp{typ: Close, abort: ev.Abort}) {
+				break
+			}
+			f.outstanding++
 			if ev.Abort {
 				// The data queued before the reset still goes first, but a
 				// server that does not read may hold it up only so long.
@@ -436,7 +441,7 @@ func (fc *feedConn) tryWrite(b []byte) (n int, ok bool) {
 	if fc.c == nil || fc.broken || fc.aborted {
 		return 0, true
 	}
-	if len(fc.ops) > 0 || fc.writing || !fc.expiry.IsZero() {
+	if fc.writerOn || !fc.expiry.IsZero() {
 		return 0, false
 	}
 	var werr error
@@ -539,11 +544,47 @@ func (f *TCPFeeder) Close() error {
 // the server.
 const abortGrace = time.Second
 
+// push queues op for the writer, starting one if none runs.
 func (fc *feedConn) push(op feedOp) {
 	fc.mu.Lock()
 	fc.ops = append(fc.ops, op)
-	fc.cond.Signal()
+	start := !fc.writerOn
+	fc.writerOn = true
 	fc.mu.Unlock()
+	if start {
+		fc.f.wg.Add(1)
+		go fc.writer(false)
+	}
+}
+
+// endNow does a Shutdown or Close op at once, as the writer would, when
+// nothing is queued before it and it cannot wait on the server: a reset,
+// a shutdown, or a close after the server ended its output (a short
+// connection's usual end, which then needs no writer goroutine at all).
+// It reports whether it did.
+func (fc *feedConn) endNow(op feedOp) bool {
+	fc.mu.Lock()
+	defer fc.mu.Unlock()
+	if fc.waiting || fc.writerOn || len(fc.ops) > 0 {
+		return false
+	}
+	c := fc.c
+	dead := c == nil || fc.aborted || fc.broken
+	switch {
+	case op.typ == Shutdown:
+		if !dead {
+			_ = c.CloseWrite()
+		}
+	case c == nil:
+	case op.abort || dead:
+		fc.resetLocked()
+	case isClosed(fc.readerDone):
+		_ = c.CloseWrite()
+		_ = c.Close()
+	default:
+		return false // the server may still answer: the writer waits
+	}
+	return true
 }
 
 func (fc *feedConn) expire(t time.Time) {
@@ -558,18 +599,23 @@ func (fc *feedConn) expire(t time.Time) {
 // reset marks the connection aborted and resets it.
 func (fc *feedConn) reset() {
 	fc.mu.Lock()
+	fc.resetLocked()
+	fc.mu.Unlock()
+}
+
+func (fc *feedConn) resetLocked() {
 	fc.aborted = true
 	if fc.c != nil {
 		_ = fc.c.SetLinger(0)
 		_ = fc.c.Close()
 	}
-	fc.cond.Broadcast()
-	fc.mu.Unlock()
 }
 
-func (fc *feedConn) writer() {
+// writer does the queued ops in order, after connecting first when the
+// connect waits for its gate (gated), and exits when the queue is empty.
+func (fc *feedConn) writer(gated bool) {
 	defer fc.f.wg.Done()
-	if fc.gate != nil {
+	if gated {
 		fc.awaitGate()
 	}
 	fc.mu.Lock()
@@ -577,13 +623,15 @@ func (fc *feedConn) writer() {
 	fc.mu.Unlock()
 	for {
 		fc.mu.Lock()
-		for len(fc.ops) == 0 {
-			fc.cond.Wait()
+		if len(fc.ops) == 0 {
+			// Nothing left: the next push starts another writer.
+			fc.writerOn = false
+			fc.mu.Unlock()
+			return
 		}
 		op := fc.ops[0]
 		fc.ops[0] = feedOp{}
 		fc.ops = fc.ops[1:]
-		fc.writing = true
 		dead := c == nil || fc.aborted || fc.broken
 		fc.mu.Unlock()
 
@@ -631,9 +679,6 @@ func (fc *feedConn) writer() {
 			fc.f.done(0)
 			return
 		}
-		fc.mu.Lock()
-		fc.writing = false
-		fc.mu.Unlock()
 	}
 }
 
