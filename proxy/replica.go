@@ -281,7 +281,7 @@ func Start(ctx context.Context, o Options) (_ *Replica, err error) {
 	}()
 
 	// The client listener first, so that a port-0 address is known.
-	if r.ln, err = net.Listen("tcp", self.Listen); err != nil {
+	if r.ln, err = listenClients(self.Listen); err != nil {
 		return nil, fmt.Errorf("proxy: client listener: %w", err)
 	}
 	r.advertise = advertised(self.Listen, r.ln.Addr())
@@ -697,20 +697,23 @@ func (r *Replica) Applied() uint64 {
 // ---------------------------------------------------------------------
 // Output of the local server (Output).
 
-// ServerData implements Output: digest, and relay to the client when this
-// replica leads the connection.
+// ServerData implements Output: relay to the client when this replica
+// leads the connection, then digest (the client need not wait for that).
 func (r *Replica) ServerData(conn uint64, b []byte) {
 	r.m.bytesOutput.Add(float64(len(b)))
-	if r.ck == nil || !r.ck.skipDigest(conn) {
-		r.digester(conn).Write(b)
-	}
 	if s := r.session(conn); s != nil {
 		s.output(b)
 	}
+	if r.ck == nil || !r.ck.skipDigest(conn) {
+		r.digester(conn).Write(b)
+	}
 }
 
-// ServerEOF implements Output.
+// ServerEOF implements Output: the client first, as in ServerData.
 func (r *Replica) ServerEOF(conn uint64, err error) {
+	if s := r.session(conn); s != nil {
+		s.serverEOF(err)
+	}
 	r.dmu.Lock()
 	d := r.digests[conn]
 	delete(r.digests, conn)
@@ -720,9 +723,6 @@ func (r *Replica) ServerEOF(conn uint64, err error) {
 			d = newDigester(conn, r.masks, r.ranges, r.addReport)
 		}
 		d.EOF()
-	}
-	if s := r.session(conn); s != nil {
-		s.serverEOF(err)
 	}
 }
 
