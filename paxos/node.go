@@ -578,13 +578,15 @@ func (n *Node) handleReady(rd raft.Ready) error {
 			return err
 		}
 	}
-	// A follower learns that an entry is committed with the next append,
-	// so a Ready often brings both. The committed entries it persisted in
-	// an earlier Ready are applied before this one's fsync rather than
-	// after: the server's work on the last request then overlaps the wait
-	// for the disk, not the leader's work on the next one.
+	// Committed entries this node persisted in an earlier Ready are
+	// applied before this Ready's WAL write, not after it. A follower
+	// learns that an entry is committed with the next append, and a busy
+	// leader commits while it appends more, so a Ready often brings both:
+	// the server's work on the last request then overlaps the wait for
+	// the disk rather than the leader's work on the next one. (A commit
+	// alone still saves its unsynced hard state, after.)
 	committed := rd.CommittedEntries
-	if !leader && len(rd.Entries) > 0 && len(committed) > 0 && raft.IsEmptySnap(rd.Snapshot) {
+	if len(committed) > 0 && raft.IsEmptySnap(rd.Snapshot) {
 		stable, err := n.storage.LastIndex()
 		if err != nil {
 			return fmt.Errorf("paxos: %w", err)
