@@ -6,7 +6,9 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"lockstep/paxos"
@@ -121,6 +123,42 @@ func (r *Replica) session(conn uint64) *session {
 	r.lmu.Lock()
 	defer r.lmu.Unlock()
 	return r.sessions[conn]
+}
+
+// Client keepalive: a client that vanished without a FIN or RST (its
+// machine died) must not hold a connection slot forever. Go's defaults.
+const (
+	keepAliveIdle     = 15 // seconds
+	keepAliveInterval = 15 // seconds
+	keepAliveCount    = 9
+)
+
+// listenClients listens for clients with keepalive set on the listening
+// socket, which the accepted ones inherit (Linux copies the socket
+// options): Go's default would set it with four calls on every accepted
+// connection, on the way to its first bytes.
+func listenClients(addr string) (net.Listener, error) {
+	lc := net.ListenConfig{KeepAlive: -1, Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			for _, o := range []struct{ level, opt, v int }{
+				{syscall.SOL_SOCKET, syscall.SO_KEEPALIVE, 1},
+				{syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE, keepAliveIdle},
+				{syscall.IPPROTO_TCP, syscall.TCP_KEEPINTVL, keepAliveInterval},
+				{syscall.IPPROTO_TCP, syscall.TCP_KEEPCNT, keepAliveCount},
+			} {
+				if serr = syscall.SetsockoptInt(int(fd), o.level, o.opt, o.v); serr != nil {
+					serr = os.NewSyscallError("setsockopt", serr)
+					return
+				}
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	return lc.Listen(context.Background(), "tcp", addr)
 }
 
 func (r *Replica) acceptLoop() {
