@@ -168,9 +168,7 @@ func (d *digester) record(r []byte) {
 		if need != nil && !bytes.Contains(r, need) {
 			continue
 		}
-		if m.Re.Match(r) {
-			r = m.Re.ReplaceAll(r, m.Replace)
-		}
+		r = m.Re.ReplaceAll(r, m.Replace)
 	}
 	d.h.Write(r)
 	d.n += uint64(len(r))
