@@ -142,7 +142,7 @@ func (o *Options) setDefaults() error {
 			}
 			// A backup behind the log must not run a client's next
 			// connection beside the one it ended first (OrderConnects).
-			return NewTCPFeeder(TCPFeederOptions{Addr: srv.Addr, Output: out, Logger: log, OrderConnects: true})
+			return NewTCPFeeder(TCPFeederOptions{Addr: srv.Addr, Output: out, Logger: log, OrderConnects: true, BatchCloses: true})
 		}
 	}
 	return nil
@@ -492,6 +492,9 @@ func (r *Replica) applyLoop() {
 			if r.ck != nil {
 				r.ck.afterApply(e.Index)
 			}
+		}
+		if b, ok := r.feeder.(interface{ EndBatch() }); ok {
+			b.EndBatch()
 		}
 		r.pmu.Lock()
 		applied := r.applied

@@ -49,7 +49,13 @@ type TCPFeederOptions struct {
 	// connection and waits long for its answer must not hold up every
 	// other client there.
 	OrderConnects bool
-	Logger        logrus.FieldLogger
+	// BatchCloses leaves the closes of connections the server already
+	// ended for EndBatch, which the apply loop calls after a batch of
+	// committed entries: a request's close then rides with the next
+	// request's connect (lazy ServerClose) without delaying it (the close
+	// wakes the server and costs about as much as the connect).
+	BatchCloses bool
+	Logger      logrus.FieldLogger
 }
 
 // TCPFeeder is the Feeder of a server reached over TCP: each client
@@ -83,6 +89,8 @@ type TCPFeeder struct {
 	// the gate of the last connection whose connect waits.
 	ending   map[uint64]*feedConn
 	lastGate chan struct{}
+	// toClose are the connections left for EndBatch (BatchCloses).
+	toClose  []*serverConn
 	ordering atomic.Bool // OrderConnects is in force (SetOrderConnects)
 
 	addrMu    sync.Mutex // connects may be issued by a waiting connection
@@ -221,7 +229,7 @@ func (f *TCPFeeder) Feed(ev Committed) {
 			if f.o.OrderConnects {
 				f.ending[ev.Conn] = fc
 			}
-			if fc.endNow(feedOp{typ: Shutdown}) {
+			if fc.endNow(feedOp{typ: Shutdown}, false) {
 				break
 			}
 			f.outstanding++
@@ -233,7 +241,7 @@ func (f *TCPFeeder) Feed(ev Committed) {
 			if f.o.OrderConnects && !ev.Abort {
 				f.ending[ev.Conn] = fc
 			}
-			if fc.endNow(feedOp{typ: Close, abort: ev.Abort}) {
+			if fc.endNow(feedOp{typ: Close, abort: ev.Abort}, f.o.BatchCloses) {
 				break
 			}
 			f.outstanding++
@@ -485,8 +493,21 @@ func (f *TCPFeeder) done(n int) {
 	f.mu.Unlock()
 }
 
+// EndBatch closes the connections Feed left for it (BatchCloses).
+func (f *TCPFeeder) EndBatch() {
+	f.mu.Lock()
+	cs := f.toClose
+	f.toClose = nil
+	f.mu.Unlock()
+	for _, c := range cs {
+		_ = c.CloseWrite()
+		_ = c.Close()
+	}
+}
+
 // Quiesce implements Feeder.
 func (f *TCPFeeder) Quiesce(ctx context.Context, index uint64) error {
+	f.EndBatch()
 	stop := context.AfterFunc(ctx, func() {
 		f.mu.Lock()
 		f.idle.Broadcast()
@@ -536,6 +557,7 @@ func (f *TCPFeeder) Close() error {
 		fc.reset()
 		fc.push(feedOp{typ: Close, abort: true})
 	}
+	f.EndBatch()
 	f.wg.Wait()
 	return nil
 }
@@ -561,8 +583,9 @@ func (fc *feedConn) push(op feedOp) {
 // nothing is queued before it and it cannot wait on the server: a reset,
 // a shutdown, or a close after the server ended its output (a short
 // connection's usual end, which then needs no writer goroutine at all).
-// It reports whether it did.
-func (fc *feedConn) endNow(op feedOp) bool {
+// It reports whether it did; with later, such a close is left for
+// EndBatch (f.mu is held).
+func (fc *feedConn) endNow(op feedOp, later bool) bool {
 	fc.mu.Lock()
 	defer fc.mu.Unlock()
 	if fc.waiting || fc.writerOn || len(fc.ops) > 0 {
@@ -578,6 +601,8 @@ func (fc *feedConn) endNow(op feedOp) bool {
 	case c == nil:
 	case op.abort || dead:
 		fc.resetLocked()
+	case isClosed(fc.readerDone) && later:
+		fc.f.toClose = append(fc.f.toClose, c)
 	case isClosed(fc.readerDone):
 		_ = c.CloseWrite()
 		_ = c.Close()
