@@ -103,7 +103,6 @@ type Node struct {
 
 	applyMu   sync.Mutex
 	applyQ    []Apply
-	pumping   bool // pumpApplies holds applies taken from applyQ
 	applyWake chan struct{}
 	applyc    chan Apply
 
@@ -857,20 +856,9 @@ func roleName(s raft.StateType) string {
 	}
 }
 
-// queueApply hands work to the applier without ever blocking the loop:
-// straight into applyc when it has room and nothing waits before it (no
-// goroutine in between on the commit path), else through pumpApplies.
-// Only the loop (and Start, before it) calls it, so applyc is still open.
+// queueApply hands work to pumpApplies without ever blocking the loop.
 func (n *Node) queueApply(a Apply) {
 	n.applyMu.Lock()
-	if len(n.applyQ) == 0 && !n.pumping {
-		select {
-		case n.applyc <- a:
-			n.applyMu.Unlock()
-			return
-		default:
-		}
-	}
 	n.applyQ = append(n.applyQ, a)
 	n.applyMu.Unlock()
 	select {
@@ -879,30 +867,24 @@ func (n *Node) queueApply(a Apply) {
 	}
 }
 
-// pumpApplies delivers what queueApply could not, in order; while it has
-// some in hand (pumping), queueApply queues behind them.
 func (n *Node) pumpApplies() {
 	defer close(n.applyc)
 	for {
 		n.applyMu.Lock()
 		q := n.applyQ
 		n.applyQ = nil
-		n.pumping = len(q) > 0
 		n.applyMu.Unlock()
-		if len(q) == 0 {
-			select {
-			case <-n.applyWake:
-				continue
-			case <-n.done:
-				return
-			}
-		}
 		for _, a := range q {
 			select {
 			case n.applyc <- a:
 			case <-n.done:
 				return
 			}
+		}
+		select {
+		case <-n.applyWake:
+		case <-n.done:
+			return
 		}
 	}
 }
