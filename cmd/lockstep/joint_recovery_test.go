@@ -205,8 +205,17 @@ func TestRecoverRacyJointSched(t *testing.T) {
 	t.Logf("after: %v", racyLoad(t, addr, 4, 20))
 	c.waitApplied(60*time.Second, leader, 1, 2, 3)
 	c.noDivergences(leader, 1, 2, 3)
-	if s, _ := c.status(victim); s.DigestsCompared == 0 {
-		t.Errorf("replica %d compared no digests", victim)
+	// A comparison completes when every replica's report is in the log;
+	// reports go out every DigestFlush, so the last ones may still be on
+	// their way when the applied indices first agree.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if s, _ := c.status(victim); s.DigestsCompared > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("replica %d compared no digests", victim)
+			break
+		}
 	}
 }
 
