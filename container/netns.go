@@ -126,13 +126,10 @@ func pidsInNetns(ids map[nsID]bool) []int {
 }
 
 // killAll SIGKILLs whatever list() returns until it returns nothing, so
-// that processes forked in the meantime go too, and until the processes it
-// killed have exited: an exiting process leaves its namespaces before it
-// is done, so list() alone would let it outlive the call. Zombies are
-// skipped: they hold nothing and their parent reaps them.
+// that processes forked in the meantime go too. Zombies are skipped: they
+// hold no namespace and their parent reaps them.
 func killAll(list func() []int, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
-	killed := map[int]bool{}
 	for {
 		var live []int
 		for _, pid := range list() {
@@ -140,23 +137,14 @@ func killAll(list func() []int, timeout time.Duration) error {
 				live = append(live, pid)
 			}
 		}
-		for pid := range killed {
-			if isZombie(pid) {
-				delete(killed, pid)
-			}
-		}
-		if len(live) == 0 && len(killed) == 0 {
+		if len(live) == 0 {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			for pid := range killed {
-				live = append(live, pid)
-			}
 			return fmt.Errorf("processes %v survive SIGKILL", live)
 		}
 		for _, pid := range live {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
-			killed[pid] = true
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
