@@ -77,6 +77,18 @@ func helperCrash() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// The namespace helper joins the host's cgroup and namespace and then
+	// execs: crash only once sleep runs there, or the cleanup under test
+	// may look before the process has moved in.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", cmd.Process.Pid)); filepath.Base(exe) == "sleep" {
+			break
+		}
+		if time.Now().After(deadline) {
+			fmt.Fprintln(os.Stderr, "sleep did not start")
+			os.Exit(1)
+		}
+	}
 	fmt.Println(cmd.Process.Pid)
 	time.Sleep(time.Hour)
 }
