@@ -588,7 +588,7 @@ func (fc *feedConn) push(op feedOp) {
 func (fc *feedConn) endNow(op feedOp, later bool) bool {
 	fc.mu.Lock()
 	defer fc.mu.Unlock()
-	if fc.waiting || fc.writerOn || len(fc.ops) > 0 {
+	if fc.waiting || fc.writerOn { // writerOn is set whenever ops are queued
 		return false
 	}
 	c := fc.c
