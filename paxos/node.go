@@ -757,6 +757,8 @@ func (n *Node) applyCommitted(ents []raftpb.Entry) {
 				continue
 			}
 			n.applyConfChange(cc)
+			// Whoever waits for the change may look at Status next.
+			n.publishStatus()
 			n.waiters.done(cc.ID, e.Index)
 		}
 	}
