@@ -56,11 +56,30 @@ func TestHoldCommits(t *testing.T) {
 	check(n.holdCommits([]raftpb.Message{appendTo(2)}), "MsgApp@2")
 	// A heartbeat to 3 goes after the held commit, in order.
 	check(n.holdCommits([]raftpb.Message{{Type: raftpb.MsgHeartbeat, To: 3}}), "MsgApp@3(commit)", "MsgHeartbeat@3")
+	// The timer fires before the messages held now waited their delay:
+	// nothing goes, and it is armed again.
+	n.sendHeld()
+	check(rec.sent)
+	if len(n.held) != 1 || !n.heldArmed {
+		t.Fatalf("held %v, armed %v after an early timer", n.held, n.heldArmed)
+	}
 	// The delay over, what is left goes alone.
+	n.heldSince = n.heldSince.Add(-time.Hour)
 	n.sendHeld()
 	check(rec.sent, "MsgApp@4(commit)")
 	if len(n.held) != 0 || n.heldArmed {
 		t.Fatalf("held %v after the delay", n.held)
+	}
+	// A commit held after an append carried the one the timer was armed
+	// for waits its own delay, not what is left of that one's.
+	check(n.holdCommits([]raftpb.Message{commit(2, 8)}))
+	n.heldSince = n.heldSince.Add(-time.Hour)
+	check(n.holdCommits([]raftpb.Message{appendTo(2)}), "MsgApp@2")
+	check(n.holdCommits([]raftpb.Message{commit(3, 9)}))
+	n.sendHeld()
+	check(rec.sent, "MsgApp@4(commit)")
+	if len(n.held) != 1 || !n.heldArmed {
+		t.Fatalf("held %v, armed %v after the timer of a carried commit", n.held, n.heldArmed)
 	}
 
 	// A negative delay holds nothing.

@@ -49,3 +49,29 @@ func TestLazyProposalAloneCommitsAfterItsDelay(t *testing.T) {
 		t.Fatalf("log ends %q", seq)
 	}
 }
+
+// A lazy proposal waits its own LazyDelay, not what is left of the delay
+// of an earlier lazy one that an eager proposal already took along.
+func TestLazyProposalWaitsItsOwnDelay(t *testing.T) {
+	const delay = 400 * time.Millisecond
+	c := newTestClusterWith(t, 3, func(cfg *Config) { cfg.LazyDelay = delay })
+	l := c.leader()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	first := l.ProposeAsyncLazy(ctx, []byte("first lazy"))
+	if _, err := l.Propose(ctx, []byte("eager")); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-first; r.Err != nil {
+		t.Fatal(r.Err)
+	}
+	time.Sleep(delay / 2)
+	start := time.Now()
+	r := <-l.ProposeAsyncLazy(ctx, []byte("second lazy"))
+	if r.Err != nil {
+		t.Fatal(r.Err)
+	}
+	if waited := time.Since(start); waited < delay {
+		t.Fatalf("the second lazy proposal committed after %v, before its own delay of %v", waited, delay)
+	}
+}
