@@ -5,11 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -210,6 +212,9 @@ func (d *Deployment) startReplicas(ctx context.Context) error {
 		}
 		cmd.Stdout, cmd.Stderr = logf, logf
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		if _, set := os.LookupEnv("GOMAXPROCS"); !set {
+			cmd.Env = append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(replicaProcs(d.opts.CPUQuota, d.opts.Replicas, runtime.NumCPU())))
+		}
 		if err := cmd.Start(); err != nil {
 			logf.Close()
 			return fmt.Errorf("eval: starting replica %d: %w", i, err)
@@ -220,6 +225,23 @@ func (d *Deployment) startReplicas(ctx context.Context) error {
 		d.exited = append(d.exited, done)
 	}
 	return d.waitServing(ctx, 60*time.Second)
+}
+
+// replicaProcs is the GOMAXPROCS of a replica on a machine that stands in
+// for several: the cores of its quota, or its share of the machine's
+// without one. Go's default (every core, or at least 2 under a quota) lets
+// each of N replicas run as many threads as the machine has cores; their
+// idle Ps then spin and hand goroutines between OS threads on cores the
+// other replicas need. With 3 replicas on 2 cores, one P each cut the CPU
+// per request of the replicas and their servers by a fifth at ab -c 1
+// (docs/BENCHMARKS.md). A replica on its own machine (lockstep replica)
+// keeps Go's default.
+func replicaProcs(quota float64, replicas, cores int) int {
+	n := cores / max(replicas, 1)
+	if quota > 0 {
+		n = int(math.Ceil(quota))
+	}
+	return max(n, 1)
 }
 
 // waitServing waits until every replica accepts clients, so that a
