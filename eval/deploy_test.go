@@ -12,6 +12,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -136,6 +138,15 @@ func TestProxyOnlyInNamespaces(t *testing.T) {
 		t.Fatal("no leader")
 	}
 	backup := (leader + 1) % 3
+	if _, set := os.LookupEnv("GOMAXPROCS"); !set {
+		want := fmt.Sprintf("GOMAXPROCS=%d", replicaProcs(0, 3, runtime.NumCPU()))
+		for i, cmd := range d.replicas {
+			env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", cmd.Process.Pid))
+			if err != nil || !slices.Contains(strings.Split(string(env), "\x00"), want) {
+				t.Fatalf("replica %d's environment lacks %s (err %v)", i+1, want, err)
+			}
+		}
+	}
 	if got := fetchBodies(t, d, backup); got != origBodies(t, cfg) {
 		t.Fatalf("bodies through proxy_only differ from orig's:\n%.300s\n---\n%.300s", got, origBodies(t, cfg))
 	}
@@ -329,4 +340,26 @@ func TestXternOnlyMetrics(t *testing.T) {
 	const waits, steals = "lockstep_dmt_turn_waits_total", "lockstep_dmt_steals_total"
 	t.Logf("%s: over 100 requests turns %.0f -> %.0f, waits %.0f -> %.0f, steals %.0f -> %.0f", url,
 		before[turns], after[turns], before[waits], after[waits], before[steals], after[steals])
+}
+
+// A replica gets the cores of its quota, else its share of the machine's,
+// and never none.
+func TestReplicaProcs(t *testing.T) {
+	for _, c := range []struct {
+		quota           float64
+		replicas, cores int
+		want            int
+	}{
+		{0, 3, 2, 1},
+		{0, 3, 16, 5},
+		{0, 1, 8, 8},
+		{0, 0, 4, 4},
+		{0.5, 3, 16, 1},
+		{1.5, 3, 2, 2},
+		{4, 3, 16, 4},
+	} {
+		if got := replicaProcs(c.quota, c.replicas, c.cores); got != c.want {
+			t.Errorf("replicaProcs(%v, %d, %d) = %d, want %d", c.quota, c.replicas, c.cores, got, c.want)
+		}
+	}
 }
