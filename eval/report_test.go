@@ -106,3 +106,11 @@ func TestReport(t *testing.T) {
 		t.Fatalf("png: %v", err)
 	}
 }
+
+// The machine's CPU times are readable, and steal is a part of the whole.
+func TestHostCPU(t *testing.T) {
+	steal, total, ok := hostCPU()
+	if !ok || total <= 0 || steal < 0 || steal > total {
+		t.Fatalf("hostCPU() = %v, %v, %v", steal, total, ok)
+	}
+}

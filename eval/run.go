@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/procfs"
 	"github.com/sirupsen/logrus"
 
 	"lockstep/configs"
@@ -84,6 +85,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 			bar.label(mode, fmt.Sprintf("round %d/%d", r, o.Rounds))
 			b0, t0 := d.appliedBubbles(ctx), time.Now()
 			s0, serr := d.DMTStats()
+			steal0, cpu0, cok := hostCPU()
 			m, err := runClient(ctx, d, o.Config.Client.Parser, client, filepath.Join(o.WorkDir, mode), r)
 			if err != nil {
 				d.Close()
@@ -98,6 +100,17 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 				extra = dmtRound(s0, s1)
 				bar.note(fmt.Sprintf("%s round %d: %.0f turns, %.0f waits, %.3f s waiting, %.0f steals",
 					mode, r, extra["turns"], extra["waits"], extra["wait_s"], extra["steals"]))
+			}
+			if steal1, cpu1, ok := hostCPU(); cok && ok && cpu1 > cpu0 {
+				if extra == nil {
+					extra = map[string]float64{}
+				}
+				pct := 100 * (steal1 - steal0) / (cpu1 - cpu0)
+				extra["steal %"] = pct
+				if pct >= stealWarn {
+					bar.note(fmt.Sprintf("%s round %d: the hypervisor took %.0f%% of this machine's CPU time; its figures say more about the host than about %s",
+						mode, r, pct, mode))
+				}
 			}
 			res.Rounds = append(res.Rounds, Round{Mode: mode, Round: r, Measurement: m, Extra: extra})
 			bar.step()
@@ -132,6 +145,27 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	res.Files = []string{csvPath, mdPath, pngPath}
 	return res, nil
+}
+
+// stealWarn is the share of CPU time stolen in a round (percent) above
+// which the progress output warns that the round measured the host.
+const stealWarn = 10
+
+// hostCPU returns this machine's CPU time so far, in seconds: the part
+// the hypervisor gave to other guests (steal) and the whole. A round's
+// share of steal tells how much the host's other tenants moved its
+// figures, which on a shared VM can be more than any change measured.
+func hostCPU() (steal, total float64, ok bool) {
+	fs, err := procfs.NewDefaultFS()
+	if err != nil {
+		return 0, 0, false
+	}
+	st, err := fs.Stat()
+	if err != nil {
+		return 0, 0, false
+	}
+	c := st.CPUTotal // guest time is part of user time already
+	return c.Steal, c.User + c.Nice + c.System + c.Idle + c.Iowait + c.IRQ + c.SoftIRQ + c.Steal, true
 }
 
 func validMode(m string) bool {
