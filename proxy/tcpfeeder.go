@@ -270,6 +270,13 @@ func (c *serverConn) CloseWrite() error {
 	return c.control(func(fd int) error { return syscall.Shutdown(fd, syscall.SHUT_WR) })
 }
 
+// finish ends a connection whose server ended its output: our FIN, then
+// the close.
+func (c *serverConn) finish() {
+	_ = c.CloseWrite()
+	_ = c.Close()
+}
+
 // SetLinger(0) makes Close reset the connection.
 func (c *serverConn) SetLinger(sec int) error {
 	return c.control(func(fd int) error {
@@ -500,8 +507,7 @@ func (f *TCPFeeder) EndBatch() {
 	f.toClose = nil
 	f.mu.Unlock()
 	for _, c := range cs {
-		_ = c.CloseWrite()
-		_ = c.Close()
+		c.finish()
 	}
 }
 
@@ -601,11 +607,12 @@ func (fc *feedConn) endNow(op feedOp, later bool) bool {
 	case c == nil:
 	case op.abort || dead:
 		fc.resetLocked()
-	case isClosed(fc.readerDone) && later:
-		fc.f.toClose = append(fc.f.toClose, c)
 	case isClosed(fc.readerDone):
-		_ = c.CloseWrite()
-		_ = c.Close()
+		if later {
+			fc.f.toClose = append(fc.f.toClose, c)
+		} else {
+			c.finish()
+		}
 	default:
 		return false // the server may still answer: the writer waits
 	}
